@@ -34,9 +34,10 @@ _WRAPPED = {
     "reduce_scatter_single": ("reduce_scatter", 1, "input"),
     "all_gather": ("all_gather", 0, "tensor_list"),
 }
-# DeepSpeed's TorchBackend keeps references taken at start-up (deepspeed/comm/torch.py).
-_DEEPSPEED_CACHED = {"all_gather_function": ("all_gather", 0, "output_tensor"),
-                     "reduce_scatter_function": ("reduce_scatter", 1, "input")}
+# DeepSpeed's TorchBackend keeps references taken at start-up (deepspeed/comm/torch.py): attribute ->
+# the torch.distributed function it holds.
+_DEEPSPEED_CACHED = {"all_gather_function": "all_gather_into_tensor",
+                     "reduce_scatter_function": "reduce_scatter_tensor"}
 
 
 @dataclass(frozen=True)
@@ -96,25 +97,34 @@ def _wrap(fn: Callable, op: str, index: int, keyword: str, log: list) -> Callabl
 
 
 @contextlib.contextmanager
-def trace_collectives() -> Iterator[list[Collective]]:
-    """`with trace_collectives() as calls:` -> every collective issued in the block, in order."""
-    log: list[Collective] = []
+def interposed(names: tuple[str, ...], make_wrapper: Callable[[Callable, str], Callable]) -> Iterator[None]:
+    """For the block, replace each torch.distributed function in `names` by make_wrapper(fn, name), and
+    the two DeepSpeed keeps (when DeepSpeed's comm backend has started) by wrappers named after the
+    torch function they stand for; everything is put back afterwards."""
     patched: list[tuple[object, str, Callable]] = []
-    owners = [(dist, _WRAPPED)]
+    owners: list[tuple[object, dict[str, str]]] = [(dist, {name: name for name in names})]
     cdb = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
     if cdb is not None:
-        owners.append((cdb, _DEEPSPEED_CACHED))
+        owners.append((cdb, {attr: name for attr, name in _DEEPSPEED_CACHED.items() if name in names}))
     for owner, table in owners:
-        for attr, (op, index, keyword) in table.items():
+        for attr, name in table.items():
             fn = getattr(owner, attr, None)
             if fn is not None:
                 patched.append((owner, attr, fn))
-                setattr(owner, attr, _wrap(fn, op, index, keyword, log))
+                setattr(owner, attr, make_wrapper(fn, name))
     try:
-        yield log
+        yield
     finally:
         for owner, attr, fn in reversed(patched):
             setattr(owner, attr, fn)
+
+
+@contextlib.contextmanager
+def trace_collectives() -> Iterator[list[Collective]]:
+    """`with trace_collectives() as calls:` -> every collective issued in the block, in order."""
+    log: list[Collective] = []
+    with interposed(tuple(_WRAPPED), lambda fn, name: _wrap(fn, *_WRAPPED[name], log)):
+        yield log
 
 
 def summarize(calls: list[Collective], ranks: tuple[int, ...] | list[int]) -> dict[str, dict]:

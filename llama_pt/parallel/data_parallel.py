@@ -2,7 +2,8 @@
 
 Per optimizer step the trainer calls, for each of its micro-batches,
 ``loss = loss_fn(engine.forward(x), y); engine.backward(loss, last=...)``, then ``engine.step(lr)``,
-which returns the global gradient norm (before clipping). The engine owns the reduction of the
+which returns the global gradient norm (before clipping); when that norm is not finite, both engines
+skip the update and discard the gradients (llama_pt.train.step_guard builds on this). The engine owns the reduction of the
 gradients over the data-parallel (DP) group, clipping by the global norm over TP x DP, and AdamW
 (our torch optimizer; its learning rate is set by the trainer every step).
 
@@ -132,13 +133,16 @@ class PlainDataParallel:
         return {n: p.grad for n, p in self.module.named_parameters() if p.grad is not None}
 
     def step(self, lr: float) -> float:
+        """Reduce, clip, update; a non-finite global norm discards the gradients instead (no update,
+        the moments and AdamW's step count unchanged), as DeepSpeed does under ZeroDataParallel."""
         self.reduce_gradients()
-        norm = clip_by_global_norm(self.params, self.grad_clip, self.pstate)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        norm = float(clip_by_global_norm(self.params, self.grad_clip, self.pstate))
+        if math.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     # ---- checkpoint access -------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Without an initialised process group (one process) every group is None and every
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
@@ -57,7 +58,11 @@ def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, se
 class ParallelState:
     """Owns the TP, DP and kv-replica process groups; passed to DeepSpeed as `mpu`."""
 
-    def __init__(self, cfg: ParallelConfig, model: ModelConfig, seq_len: int, seq_len_field: str = "seq_len"):
+    def __init__(self, cfg: ParallelConfig, model: ModelConfig, seq_len: int, seq_len_field: str = "seq_len",
+                 timeout: Optional[timedelta] = None):
+        """`timeout`: the backend's own limit on a collective in the groups created here (torch's default
+        when None; new groups do not inherit the default group's)."""
+        self.timeout = timeout
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
         validate_layout(world, cfg, model, seq_len, seq_len_field)
@@ -80,17 +85,17 @@ class ParallelState:
         t, world, rep = self.tp_size, self.world_size, self.kv_replicas
         for start in range(0, world, t):
             ranks = list(range(start, start + t))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 self.tp_group = group
             for first in range(start, start + t, rep) if rep > 1 else ():  # no replicated kv heads: no group
                 replicas = list(range(first, first + rep))
-                kv_group = group if rep == t else dist.new_group(replicas)
+                kv_group = group if rep == t else dist.new_group(replicas, timeout=self.timeout)
                 if self.rank in replicas:
                     self.kv_replica_group = kv_group
         for tp_rank in range(t):
             ranks = list(range(tp_rank, world, t))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 self.dp_group = group
 

@@ -110,7 +110,7 @@ class ZeroDataParallel:
                                "(each step must have exactly gradient_accumulation_steps micro-batches)")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.step()
+        self.engine.step()  # DeepSpeed skips the update itself when the global norm is not finite
         return float(self.engine.get_global_grad_norm())
 
     # ---- checkpoint access -------------------------------------------------------------------

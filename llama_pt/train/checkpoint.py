@@ -5,8 +5,8 @@ A checkpoint is a folder ``step_XXXXXXXX`` holding
 - ``trainer_state.json``: step, loader counter, RNG states, the resolved config (plain JSON),
 - ``MANIFEST.json``: size and SHA-256 of every other file, written last.
 
-It is written under a temporary name and renamed when complete, so a reader never sees a partial
-folder; a folder whose manifest is missing or whose files do not match it is refused with a message
+It is written under a temporary name and renamed when complete, and deleted by renaming it out of
+sight first, so a reader never sees a partial folder, whenever the writer is killed; a folder whose manifest is missing or whose files do not match it is refused with a message
 naming the file. Nothing is unpickled without restriction: tensors are read by DCP with
 ``weights_only=True`` and DCP's metadata file through an allow-list unpickler.
 
@@ -135,8 +135,8 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], state:
     tmp = root / f".{checkpoint_name(step)}.tmp"
     if _is_coordinator():
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in root.glob(f".{PREFIX}*"):  # of a save or a deletion that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
     with _single_process_quiet():
         dcp.save(tensors, checkpoint_id=tmp)
@@ -153,14 +153,23 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], state:
         os.replace(manifest_tmp, tmp / MANIFEST)
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         if keep_last:
             for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
     _barrier()
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename out of sight (atomic), then delete: killed half-way, it leaves a hidden folder that the next
+    save removes, never a visible partial checkpoint."""
+    trash = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -18,6 +18,7 @@ from ..parallel import ParallelConfig, validate_layout
 from .optim import OptimConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -48,6 +49,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """The `fault:` section: what the trainer does about preemption, hangs and numerical faults."""
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # checkpoint and exit after the step
+    collective_timeout_s: float = 600.0  # a rank waiting longer in one collective ends the run (watchdog.py)
+    heartbeat_every_s: float = 10.0      # each rank's heartbeat file in <out_dir>/heartbeats
+    spike_zscore: float = 6.0            # skip a step whose loss is this many std above the window (0: off)
+    spike_window: int = 100              # accepted losses the z-score is computed over
+    max_bad_steps: int = 5               # skipped steps in a row before rolling back to a checkpoint (0: never)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     attention: str
@@ -57,6 +69,7 @@ class RunConfig:
     data: dict[str, Any]
     parallel: ParallelConfig
     logging: dict[str, Any]
+    fault: FaultConfig = FaultConfig()
     world_size: int = 1  # processes the config was validated for (tensor x data parallel)
 
     @property
@@ -150,6 +163,27 @@ def validate_optim(optim: OptimConfig) -> None:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
 
 
+def validate_fault(fault: FaultConfig) -> None:
+    import signal
+    if not isinstance(fault.stop_signals, tuple):
+        raise ConfigError(f"fault.stop_signals={fault.stop_signals!r} must be a list of signal names, e.g. [SIGTERM]")
+    for name in fault.stop_signals:
+        if not isinstance(name, str) or not isinstance(getattr(signal, name, None), signal.Signals) \
+                or name in UNCATCHABLE_SIGNALS:
+            raise ConfigError(f"fault.stop_signals: {name!r} is not a signal the trainer can catch "
+                              f"(e.g. SIGTERM, SIGUSR1, SIGUSR2)")
+    for name in ("collective_timeout_s", "heartbeat_every_s", "spike_zscore"):
+        value = getattr(fault, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                or (value == 0 and name != "spike_zscore"):
+            raise ConfigError(f"fault.{name}={value!r} must be a positive number"
+                              f"{' (0 turns it off)' if name == 'spike_zscore' else ''}")
+    if fault.spike_window < 2:
+        raise ConfigError(f"fault.spike_window={fault.spike_window} must be at least 2")
+    if fault.max_bad_steps < 0:
+        raise ConfigError(f"fault.max_bad_steps={fault.max_bad_steps} must not be negative")
+
+
 def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     """Validate the composed config (a plain dict, e.g. OmegaConf.to_container(cfg, resolve=True)) for
     `world_size` processes: fields first, then the parallel layout (before any process group exists),
@@ -164,5 +198,7 @@ def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     validate_layout(world_size, parallel, model, train.seq_len, "train.seq_len")
     validate_train(train, model, world_size // parallel.tensor_parallel)
     validate_optim(optim)
+    fault = _typed(FaultConfig, cfg.get("fault") or {}, "fault")
+    validate_fault(fault)
     return RunConfig(model=model, attention=attention, activation=activation, train=train, optim=optim, data=dict(cfg["data"]),
-                     parallel=parallel, logging=dict(cfg.get("logging") or {}), world_size=world_size)
+                     parallel=parallel, logging=dict(cfg.get("logging") or {}), fault=fault, world_size=world_size)

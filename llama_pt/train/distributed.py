@@ -4,12 +4,14 @@ torchrun (or launch/torchrun.sh) sets WORLD_SIZE, RANK and LOCAL_RANK; without t
 process and no process group is created. The order is fixed: read the environment, validate the
 config for that world (train.config.resolve: layout and batch split, one ConfigError line naming the
 field) BEFORE any process group exists, then pick the device (CUDA: the GPU numbered LOCAL_RANK),
-init the process group (gloo on CPU, nccl on CUDA; parallel.backend), and build the ParallelState.
+init the process group (gloo on CPU, nccl on CUDA; parallel.backend; with a backstop timeout of twice
+fault.collective_timeout_s), and build the ParallelState.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping, Optional
 
 import torch
@@ -77,6 +79,27 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def backstop_timeout(run: RunConfig) -> timedelta:
+    """The backend's own collective timeout: twice fault.collective_timeout_s, so that the watchdog
+    (llama_pt.train.watchdog), which names the step and the collective, normally speaks first."""
+    return timedelta(seconds=2 * run.fault.collective_timeout_s)
+
+
+def _generation_store(env: WorldEnv, timeout: timedelta) -> dict:
+    """Under torchrun's restarts, a store whose keys belong to this generation of workers.
+
+    torchrun's agent hosts the workers' store and keeps it across restarts (TORCHELASTIC_USE_AGENT_STORE):
+    without a prefix, a restarted worker can read the address its peer published in the previous
+    generation and fail to connect to it (gloo: "connectFullMesh failed ... Connection refused").
+    Empty (torch's own env:// rendezvous) outside torchrun."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    return {"store": dist.PrefixStore(f"llama_pt/restart_{restart}", store), "rank": env.rank,
+            "world_size": env.world_size}
+
+
 def start(run: RunConfig, env: WorldEnv) -> DistContext:
     """Device, process group and ParallelState for a config already resolved for env.world_size."""
     if run.world_size != env.world_size:
@@ -87,9 +110,11 @@ def start(run: RunConfig, env: WorldEnv) -> DistContext:
         backend = resolve_backend(run.parallel.backend, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=backstop_timeout(run), **_generation_store(env, backstop_timeout(run)))
         owns = True
-    pstate = ParallelState(run.parallel, run.model, run.train.seq_len, "train.seq_len")
+    pstate = ParallelState(run.parallel, run.model, run.train.seq_len, "train.seq_len",
+                           timeout=backstop_timeout(run) if env.world_size > 1 else None)
     return DistContext(env=env, device=device, pstate=pstate, owns_process_group=owns)
 
 

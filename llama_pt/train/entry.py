@@ -16,6 +16,8 @@ from ..plan import check_fits
 from .checkpoint import CheckpointError
 from .config import resolve
 from .distributed import DistContext, WorldEnv, start
+from .preemption import StopSignals
+from .step_guard import TrainingDiverged
 
 STARTUP_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
@@ -34,6 +36,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     env: Optional[WorldEnv] = None
     ctx: Optional[DistContext] = None
     trainer = None
+    stop: Optional[StopSignals] = None
     try:
         try:
             env = WorldEnv.from_environ()
@@ -50,7 +53,11 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             # Start-up only: errors raised while training keep their traceback.
             _fail(e, env)
         try:
-            return trainer.fit(resumed_from=trainer.resume_from)
+            with StopSignals(run.fault.stop_signals, rank=env.rank) as stop:
+                return trainer.fit(resumed_from=trainer.resume_from, stop=stop)
+        except TrainingDiverged as e:
+            print(f"error (rank {env.rank}): {e}", file=sys.stderr)
+            sys.exit(1)
         finally:
             trainer.close()
     finally:
@@ -60,3 +67,5 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             # is alive: left to interpreter shutdown, gloo's threads may abort the process (SIGABRT).
             trainer = ctx = None
             gc.collect()
+        if stop is not None:
+            stop.forward_to_previous()  # e.g. submitit's handler, which requeues the job

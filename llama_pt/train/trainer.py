@@ -7,11 +7,17 @@ of every global batch), the gradient reduction and optimizer step from a data-pa
 .checkpoint, reporting from .run_log (global rank 0 only). Resume restores weights, optimizer moments,
 the step and the loader counter, so the losses after a restart on the same layout are bitwise those
 of an uninterrupted run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
+
+Faults (docs/fault_tolerance.md): a stop signal (.preemption) ends the loop after the current step
+with a checkpoint; a step whose loss or gradient norm is bad is skipped and too many in a row roll the
+run back to the last checkpoint (.step_guard); a watchdog thread writes this rank's heartbeat and ends
+the process if it waits too long in a collective (.watchdog).
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -25,6 +31,7 @@ from ..ops.activation_modes import apply_activation_mode
 from ..ops.attention import resolve_backend
 from ..parallel import (CheckpointLayout, PlainDataParallel, full_state_dict, load_full_state_dict, make_loss_fn,
                         parallelize)
+from ..parallel.inflight import CollectiveTracker
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -32,7 +39,10 @@ from .data_setup import TrainData, build_train_data
 from .distributed import DistContext, single_process
 from .metrics import mfu, peak_flops
 from .optim import build_optimizer, learning_rate
+from .preemption import StopSignals
 from .run_log import RunLogger
+from .step_guard import StepGuard, TrainingDiverged
+from .watchdog import Watchdog
 
 
 def wants_bf16(device: torch.device, precision: str) -> bool:
@@ -68,6 +78,19 @@ class Trainer:
         self.pstate, self.device = self.ctx.pstate, self.ctx.device
         self.out_dir = Path(run.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self._closing = contextlib.ExitStack()
+        f = run.fault
+        self.watchdog = Watchdog(self.out_dir, self.ctx.env.rank, f.collective_timeout_s, f.heartbeat_every_s)
+        self._closing.callback(self.watchdog.close)
+        self.watchdog.start()
+        try:
+            self._build(run)
+        except BaseException:
+            self._closing.close()
+            raise
+
+    def _build(self, run: RunConfig) -> None:
+        f = run.fault
         self.data: TrainData = build_train_data(run, dp_rank=self.pstate.dp_rank, dp_size=self.pstate.dp_size)
         self.resume_from = self.checkpoint_to_resume()
         torch.manual_seed(run.train.seed)  # the same initial model on every rank
@@ -83,8 +106,13 @@ class Trainer:
         self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, run.train.precision)
         self.layout = CheckpointLayout(self.pstate, self.device)
         self.step = 0
+        self._saved_at: Optional[int] = None
+        self.stop_signals: Optional[StopSignals] = None
+        self.guard = StepGuard(f.spike_zscore, f.spike_window, f.max_bad_steps)
         self.flops_per_token = flops_per_token(run.model, run.train.seq_len)
         self.peak = peak_flops(self.device)
+        if self.ctx.distributed:  # from here on every collective is visible to the watchdog
+            self.watchdog.tracker = self._closing.enter_context(CollectiveTracker().installed())
 
     @property
     def zero(self) -> bool:
@@ -107,6 +135,7 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.data.loader.state_dict(), "rng": _rng_state(),
+                "guard": self.guard.state_dict(),
                 "model_config": self.run.model.to_dict(), "config": self.config_dict,
                 "layout": {"world_size": self.ctx.env.world_size, "tensor_parallel": self.pstate.tp_size,
                            "data_parallel": self.pstate.dp_size, "zero_stage": self.run.parallel.zero_stage}}
@@ -115,13 +144,18 @@ class Trainer:
         return dict(self.model.named_parameters())
 
     def save(self) -> Path:
+        self.watchdog.beat(self.step, "checkpoint save")
         tensors = self.layout.wrap(self.engine.state_tensors(), self._params())
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, self.trainer_state(),
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, self.trainer_state(),
                                     keep_last=self.run.train.keep_last)
+        self._saved_at = self.step
+        return path
 
-    def restore(self, path: Path, verified: bool = False) -> None:
+    def restore(self, path: Path, verified: bool = False, roll_back: bool = False) -> None:
         """Load a checkpoint; ``verified``: its checksums were just checked (by latest_valid_checkpoint),
-        so they are not computed a second time."""
+        so they are not computed a second time. ``roll_back``: weights, optimizer, step and RNG only; the
+        data position and the step guard's window stay where they are (the bad batches are not replayed)."""
+        self.watchdog.beat(self.step, "checkpoint load")
         tensors = self.engine.state_tensors()
         wrapped = self.layout.wrap(tensors, self._params())
         if verified:
@@ -133,7 +167,10 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model config")
         self.engine.load_state_tensors(tensors)
         self.step = state["step"]
-        self.data.loader.load_state_dict(state["loader"])
+        if not roll_back:
+            self.data.loader.load_state_dict(state["loader"])
+            if "guard" in state:
+                self.guard.load_state_dict(state["guard"])
         _set_rng_state(state["rng"])
 
     def _load_initial_weights(self, model: torch.nn.Module, folder: str) -> None:
@@ -151,25 +188,71 @@ class Trainer:
         return Path(resume)
 
     # ---- loop ----------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches. Returns the global mean loss, lr, grad norm,
+        `skipped` (why the update was skipped, or None: .step_guard) and `stop` (all ranks agreed to stop
+        after this step because one of them received a stop signal: self.stop_signals)."""
+        stop_requested = self.stop_signals is not None and self.stop_signals.requested
         self.model.train()
+        n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
+        skipped, stop, mean_loss = None, False, math.nan
         for i, batch in enumerate(micro_batches):
+            self.watchdog.beat(self.step + 1, f"forward/backward {i + 1}/{n}")
             batch = batch.to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with self.autocast():
                 logits = self.engine.forward(inputs)
             loss = self.loss_fn(logits, targets)
-            self.engine.backward(loss, last=i == len(micro_batches) - 1)
             loss_sum += loss.detach().float()
+            if i == n - 1:  # the global loss is known before the last backward: decide now
+                mean_loss = self._global_mean(loss_sum / n)
+                skipped, stop = self._agree(self.guard.check_loss(mean_loss), stop_requested)
+                if skipped is not None:
+                    loss = loss * math.nan  # non-finite gradients: every engine then skips the update
+            self.engine.backward(loss, last=i == n - 1)
         lr = learning_rate(self.step, self.run.train.steps, self.run.optim)
+        self.watchdog.beat(self.step + 1, "optimizer step")
         grad_norm = self.engine.step(lr)
+        if skipped is None:
+            skipped = self.guard.check_grad_norm(grad_norm)
         self.step += 1
-        loss = loss_sum / len(micro_batches)
-        if self.pstate.dp_size > 1:  # the global batch's mean loss (equal micro-batch counts per rank)
-            dist.all_reduce(loss, group=self.pstate.dp_group)
-            loss /= self.pstate.dp_size
-        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm}
+        self.guard.record(mean_loss, skipped)
+        return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
+
+    def _global_mean(self, local_mean: torch.Tensor) -> float:
+        """The global batch's mean loss (equal micro-batch counts per data-parallel rank)."""
+        if self.pstate.dp_size > 1:
+            dist.all_reduce(local_mean, group=self.pstate.dp_group)
+            local_mean /= self.pstate.dp_size
+        return local_mean.item()
+
+    def _agree(self, skip: Optional[str], stop: bool) -> tuple[Optional[str], bool]:
+        """Every rank takes the same two decisions (MAX over the world): skip this update? stop after it?
+        A signal reaches the ranks at different moments; the loss checks agree by construction."""
+        if not self.ctx.distributed:
+            return skip, stop
+        self.watchdog.beat(self.step + 1, "step agreement")
+        flags = torch.tensor([skip is not None, stop], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        any_skip, any_stop = (bool(v) for v in flags.tolist())
+        if any_skip and skip is None:
+            skip = "skipped by another rank's check"
+        return skip, any_stop
+
+    def roll_back(self, log: RunLogger) -> None:
+        """After fault.max_bad_steps skipped steps in a row: back to the newest valid checkpoint."""
+        bad, last_bad = self.guard.bad_in_row, self.step
+        self.watchdog.beat(self.step, "roll-back")
+        path = ckpt.latest_valid_checkpoint(self.ckpt_dir, log=log.message)
+        if path is None:
+            raise TrainingDiverged(f"{bad} bad steps in a row up to step {last_bad} (fault.max_bad_steps="
+                                   f"{self.run.fault.max_bad_steps}) and no checkpoint in {self.ckpt_dir} to roll back to")
+        self.guard.rolled_back()
+        self.restore(path, verified=True, roll_back=True)
+        log.log(self.step, {"rolled_back_from": last_bad, "rolled_back_to": path.name})
+        log.message(f"{bad} bad steps in a row up to step {last_bad}: rolled back to {path} (step {self.step}); "
+                    f"training goes on with the data after the bad batches")
 
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.data.valid is None:
@@ -191,8 +274,8 @@ class Trainer:
         tokenizer = Tokenizer(self.data.tokenizer_path)
         return sample_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, seed=t.seed)
 
-    def fit(self, resumed_from: Optional[Path] = None) -> dict[str, Any]:
-        """Train until train.steps (or train.exit_interval); call restore() first to resume."""
+    def fit(self, resumed_from: Optional[Path] = None, stop: Optional[StopSignals] = None) -> dict[str, Any]:
+        """Train until train.steps (or train.exit_interval, or a stop signal); call restore() first to resume."""
         t = self.run.train
         log = RunLogger(self.out_dir, t.steps, self.step, self.config_dict, self.run.logging.get("wandb", {}),
                         enabled=self.ctx.is_coordinator)
@@ -204,38 +287,55 @@ class Trainer:
             log.message(f"resumed from {resumed_from} at step {self.step}")
         window_start, window_steps = time.perf_counter(), 0
         batches: Iterator[list[torch.Tensor]] = iter(self.data.loader)
-        exited_early = False
+        self.stop_signals = stop
+        stopped_by = ""
         while self.step < t.steps:
             metrics = self.train_step(next(batches))
             window_steps += 1
             log.advance()
+            skipped, stop_agreed = metrics.pop("skipped"), metrics.pop("stop")
             is_last = self.step == t.steps
-            if t.log_every and (self.step % t.log_every == 0 or is_last):
+            log_due = bool(t.log_every) and (self.step % t.log_every == 0 or is_last)
+            if skipped is not None:
+                log.message(f"step {self.step} skipped, no update: {skipped}")
+                if not log_due or self.guard.should_roll_back:
+                    log.log(self.step, {**metrics, "skipped": skipped})
+            if self.guard.should_roll_back:
+                self.roll_back(log)
+                continue
+            if log_due:
                 elapsed = time.perf_counter() - window_start
                 tps = window_steps * t.global_batch_tokens / elapsed
                 metrics.update(tokens_per_s=tps, step_time_s=elapsed / window_steps)
                 utilisation = mfu(tps, self.flops_per_token, self.ctx.env.world_size, self.peak)
                 if utilisation is not None:
                     metrics["mfu"] = utilisation
+                if skipped is not None:
+                    metrics["skipped"] = skipped
                 log.log(self.step, metrics)
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_every and (self.step % t.eval_every == 0 or is_last):
+                self.watchdog.beat(self.step, "evaluation")
                 valid = self.evaluate()
                 if valid is not None:
                     log.log(self.step, valid)
-            exit_now = bool(t.exit_interval) and self.step % t.exit_interval == 0 and not is_last
-            if (t.ckpt_every and (self.step % t.ckpt_every == 0 or is_last)) or exit_now:
-                log.message(f"saved {self.save()}")
-            if exit_now:
-                log.message(f"exiting at step {self.step} (train.exit_interval={t.exit_interval})")
-                exited_early = True
+            if not is_last and stop_agreed:
+                stopped_by = stop.name if stop is not None and stop.requested else "a stop signal on another rank"
+            elif not is_last and t.exit_interval and self.step % t.exit_interval == 0:
+                stopped_by = f"train.exit_interval={t.exit_interval}"
+            if (t.ckpt_every and (self.step % t.ckpt_every == 0 or is_last)) or stopped_by:
+                if self._saved_at != self.step:
+                    log.message(f"saved {self.save()}")
+            if stopped_by:
+                log.message(f"exiting at step {self.step} ({stopped_by}); train.resume=auto continues from here")
                 break
-        sample = None if exited_early else self.sample()
+        self.watchdog.beat(self.step, "finished" if not stopped_by else "stopped")
+        sample = None if stopped_by else self.sample()
         if sample is not None:
             log.message(f"sample: {sample!r}")
         curve = log.close()
         return {"step": self.step, "loss_curve": curve, "out_dir": self.out_dir, "sample": sample,
-                "finished": not exited_early}
+                "finished": not stopped_by, "stopped_by": stopped_by}
 
     def describe_layout(self) -> str:
         p = self.pstate
@@ -245,3 +345,4 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+        self._closing.close()

@@ -81,15 +81,20 @@ def test_sbatch_trains_checkpoints_and_a_second_submission_resumes(slurm_env, to
     assert (out / "checkpoints" / "step_00000006").is_dir()
 
 
+def sweep_command(sweep: Path, token_corpus, *extra: str) -> list[str]:
+    """`train.py --multirun hydra/launcher=slurm` for a tiny model on the one-node cluster (1 CPU, no GPU)."""
+    return [sys.executable, "train.py", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}",
+            f"data.manifest={token_corpus['manifest']}", "data.valid_manifest=null", "model=tiny",
+            "train.seq_len=32", "train.global_batch_tokens=256", "train.micro_batch_size=4", "train.log_every=1",
+            "train.eval_every=0", "logging.wandb.enabled=false", *extra]
+
+
 def test_submitit_sweep_runs_each_point_as_a_slurm_job(slurm_env, token_corpus, tmp_path):
     """configs/hydra/launcher/slurm.yaml: `train.py --multirun hydra/launcher=slurm` on the local cluster."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
-           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}",
-           f"data.manifest={token_corpus['manifest']}", "data.valid_manifest=null", "model=tiny",
-           "train.seq_len=32", "train.global_batch_tokens=256", "train.micro_batch_size=4", "train.steps=3",
-           "train.log_every=1", "train.eval_every=0", "train.ckpt_every=3", "logging.wandb.enabled=false",
-           "optim.warmup_steps=0", "optim.lr=1e-3,3e-3"]
+    cmd = sweep_command(sweep, token_corpus, "train.steps=3", "train.ckpt_every=3", "optim.warmup_steps=0",
+                        "optim.lr=1e-3,3e-3")
     done = subprocess.run(cmd, cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=JOB_DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and "_" in p.name]
@@ -120,3 +125,80 @@ def test_data_prep_stages_run_as_slurm_job_arrays(slurm_env, tmp_path):
     assert {p.suffix for p in local} >= {".bin", ".idx", ".zst", ".model"}
     for rel in local:
         assert (tmp_path / "slurm" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
+
+
+def heartbeat_step(out_dir: Path, rank: int = 0) -> int:
+    try:
+        return json.loads((out_dir / "heartbeats" / f"rank_{rank:05d}.json").read_text())["step"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def release_requeued(env, job: str) -> None:
+    """SLURM makes a requeued job eligible only ~2 minutes later; once it is pending again, start it now."""
+    wait_until(lambda: job_field(env, job, "Restarts") == "1" and job_field(env, job, "JobState") == "PENDING",
+               JOB_DEADLINE_S, f"job {job} to be requeued")
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
+
+
+def test_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes(slurm_env, token_corpus, tmp_path):
+    """SLURM's `--signal=B:USR1@120` reaches the batch script (here sent as SLURM sends it: `scancel --batch
+    --signal=USR1`); it forwards USR1 to the workers, which checkpoint and exit 0; the script requeues the
+    job, and the same job id runs again and resumes from that checkpoint."""
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    overrides = [f"data.manifest={token_corpus['manifest']}", "data.valid_manifest=null", "model=tiny",
+                 "train.seq_len=32", "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.steps=150",
+                 "train.log_every=1", "train.eval_every=0", "train.ckpt_every=1000", "logging.wandb.enabled=false",
+                 "fault.heartbeat_every_s=0.1", f"train.out_dir={out}", f"hydra.run.dir={out}"]
+    cmd = ["sbatch", "--parsable", "--job-name=llama_pt_requeue", f"--output={log}", "--time=5",
+           "--export=ALL,NPROC_PER_NODE=2,MAX_RESTARTS=0", str(SBATCH), *overrides]
+    job = subprocess.run(cmd, cwd=REPO, env={**slurm_env, "PYTHON": sys.executable}, capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    try:
+        wait_until(lambda: heartbeat_step(out) >= 20, JOB_DEADLINE_S, "step 20")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
+        release_requeued(slurm_env, job)
+        wait_until(lambda: job_field(slurm_env, job, "Restarts") == "1" and
+                   job_field(slurm_env, job, "JobState") in FINAL_STATES, 2 * JOB_DEADLINE_S, "the requeued job")
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env)
+    text = log.read_text()
+    assert job_field(slurm_env, job, "JobState") == "COMPLETED", text[-3000:]
+    stopped = int(text.split("exiting at step ")[1].split(" ")[0])
+    assert f"exiting at step {stopped} (SIGUSR1)" in text
+    assert "requeueing job" in text and "(restart 1)" in text
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in text
+    assert sorted(metrics(out)) == list(range(1, 151))
+
+
+def test_submitit_sweep_point_checkpoints_on_its_signal_and_is_requeued(slurm_env, token_corpus, tmp_path):
+    """Under submitit the pre-timeout signal is USR2 and submitit's handler requeues: the trainer
+    checkpoints first, then calls that handler; the requeued point resumes and completes."""
+    sweep = tmp_path / "sweep"
+    cmd = sweep_command(sweep, token_corpus, "train.steps=200", "train.ckpt_every=1000", "fault.heartbeat_every_s=0.1",
+                        "optim.lr=1e-3")
+    sweeper = subprocess.Popen(cmd, cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: heartbeat_step(sweep / "0") >= 20, JOB_DEADLINE_S, "step 20 of the sweep point")
+        job = next(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit())
+        subprocess.run(["scancel", "--signal=USR2", job], env=slurm_env, check=True)
+        release_requeued(slurm_env, job)
+        _, err = sweeper.communicate(timeout=2 * JOB_DEADLINE_S)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+    assert sweeper.returncode == 0, err[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*.out")) + \
+        "".join(p.read_text() for p in (sweep / ".submitit").rglob("*.err"))
+    stopped = int(logs.split("exiting at step ")[1].split(" ")[0])
+    assert f"exiting at step {stopped} (SIGUSR2)" in logs
+    assert f"at step {stopped}" in logs.split("resumed from ")[1].splitlines()[0]
+    records = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records) == list(range(1, 201))

@@ -143,9 +143,11 @@ def expected_dp_comm(r: dict) -> dict:
     d, e = r["dp"], 4                        # fp32 gradients and weights
     n = sum(r["group_numel"])                # this rank's (TP shard's) trainable elements
     ring_ar, ring_ag = Fraction(2 * (d - 1), d), Fraction(d - 1, d)
-    scalars = 1                              # the trainer's mean-loss all-reduce
+    scalars, calls = 1, 1                    # the trainer's mean-loss all-reduce
+    if r["tp"] == 1:                         # its step agreement (2 flags) is over the world = this DP group
+        scalars, calls = scalars + 2, calls + 1
     if r["zero"] == 0:                       # one all-reduce per parameter, once per step
-        return {"all_reduce": {"calls": r["n_params"] + scalars, "elements": n + scalars,
+        return {"all_reduce": {"calls": r["n_params"] + calls, "elements": n + scalars,
                                "bytes": ring_ar * e * (n + scalars)}}
     reductions = r["gas"] if r["zero"] == 2 else 1  # ZeRO-2: in every micro-batch's backward
     scalars += len(r["group_numel"])         # DeepSpeed's per-group squared-norm all-reduce

@@ -167,7 +167,8 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
             result["comm_tp"] = _jsonable(summarize(calls, result["tp_ranks"]))
             result["dp_grad_reductions_in_backward"] = [
                 c.during_backward for c in calls
-                if tuple(c.ranks) == tuple(result["dp_ranks"]) and c.op == "all_reduce" and c.numel > 1]
+                if tuple(c.ranks) == tuple(result["dp_ranks"]) and c.op == "all_reduce" and c.numel > 1
+                and "float" in c.dtype]  # gradients, not the trainer's int32 step-agreement flags
         else:
             metrics = original_step(micro_batches)
         result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest}
