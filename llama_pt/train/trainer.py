@@ -166,7 +166,7 @@ class Trainer:
         if state["model_config"] != self.run.model.to_dict():
             raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model config")
         self.engine.load_state_tensors(tensors)
-        self.step = state["step"]
+        self.step = self._saved_at = state["step"]
         if not roll_back:
             self.data.loader.load_state_dict(state["loader"])
             if "guard" in state:

@@ -142,9 +142,12 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 def release_requeued(env, job: str) -> None:
-    """SLURM makes a requeued job eligible only ~2 minutes later; once it is pending again, start it now."""
+    """SLURM makes a requeued job eligible only ~2 minutes later (while the old job credential expires);
+    once it is pending again, start it now - but not within the second its credential was revoked:
+    slurmd refuses a credential created in that same second ("Job credential revoked")."""
     wait_until(lambda: job_field(env, job, "Restarts") == "1" and job_field(env, job, "JobState") == "PENDING",
                JOB_DEADLINE_S, f"job {job} to be requeued")
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
 
 
