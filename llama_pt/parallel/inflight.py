@@ -30,10 +30,11 @@ _local = threading.local()
 
 @dataclass
 class InFlight:
-    """One collective call: the op, its group (ranks resolved only when described), its first tensor."""
+    """One collective call: the op, its group and first tensor's shape and dtype (formatted only when
+    described: this is built on the hot path)."""
     op: str
     group: Optional[dist.ProcessGroup]
-    tensor: str
+    tensor: Optional[tuple[torch.Size, torch.dtype]]
     started: float  # time.monotonic()
 
     def ranks(self) -> list[int]:
@@ -42,7 +43,11 @@ class InFlight:
         return list(range(dist.get_world_size())) if dist.is_initialized() else [0]
 
     def describe(self) -> str:
-        return f"{self.op} over ranks {compact_ranks(self.ranks())}{f' ({self.tensor})' if self.tensor else ''}"
+        tensor = ""
+        if self.tensor is not None:
+            shape, dtype = self.tensor
+            tensor = f" ({list(shape)} {str(dtype).removeprefix('torch.')})"
+        return f"{self.op} over ranks {compact_ranks(self.ranks())}{tensor}"
 
 
 def compact_ranks(ranks: list[int]) -> str:
@@ -53,14 +58,13 @@ def compact_ranks(ranks: list[int]) -> str:
     return shown + (f",... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
 
 
-def _describe_tensor(args: tuple, kwargs: dict) -> str:
-    candidates = list(args[:2]) + list(kwargs.values())
-    for value in candidates:
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[tuple[torch.Size, torch.dtype]]:
+    for value in (*args[:2], *kwargs.values()):
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
             value = value[0]
         if isinstance(value, torch.Tensor):
-            return f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    return ""
+            return value.shape, value.dtype
+    return None
 
 
 def _group(args: tuple, kwargs: dict) -> Optional[dist.ProcessGroup]:
@@ -79,7 +83,7 @@ class CollectiveTracker:
         def wrapper(*args: Any, **kwargs: Any):
             if getattr(_local, "inside", False):  # a wrapped function calling another (torch's aliases)
                 return fn(*args, **kwargs)
-            call = InFlight(name, _group(args, kwargs), _describe_tensor(args, kwargs), time.monotonic())
+            call = InFlight(name, _group(args, kwargs), _first_tensor(args, kwargs), time.monotonic())
             _local.inside = True
             self._blocking = call
             try:

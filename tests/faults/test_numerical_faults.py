@@ -4,6 +4,7 @@ skip the step - the weights, the AdamW moments and its step count are bitwise un
 logged; K bad steps in a row roll the run back to the last checkpoint and go on with later data."""
 import json
 import math
+from contextlib import closing
 
 import pytest
 import torch
@@ -46,14 +47,11 @@ def records(out_dir):
 
 
 def test_nan_loss_spike_and_nonfinite_norm_skip_the_update(tmp_path, token_corpus):
-    trainer = build(tmp_path, token_corpus, {5: poisoned, 14: random_tokens}, "train.steps=16")
-    weight = trainer.model.layers[0].attention.wq.weight
-    weight.register_hook(lambda g: g * math.inf if trainer.step == 9 else g)  # step 10's gradient
-    seen = record_steps(trainer)
-    try:
+    with closing(build(tmp_path, token_corpus, {5: poisoned, 14: random_tokens}, "train.steps=16")) as trainer:
+        weight = trainer.model.layers[0].attention.wq.weight
+        weight.register_hook(lambda g: g * math.inf if trainer.step == 9 else g)  # step 10's gradient
+        seen = record_steps(trainer)
         result = trainer.fit()
-    finally:
-        trainer.close()
     assert result["finished"] and result["step"] == 16
     skipped = {step: runs[0][2]["skipped"] for step, runs in seen.items() if runs[0][2]["skipped"]}
     assert set(skipped) == {5, 10, 14}, skipped
@@ -73,13 +71,10 @@ def test_nan_loss_spike_and_nonfinite_norm_skip_the_update(tmp_path, token_corpu
 
 def test_bad_steps_in_a_row_roll_back_to_the_last_checkpoint(tmp_path, token_corpus):
     bad = {position: poisoned for position in (7, 8, 9)}
-    trainer = build(tmp_path, token_corpus, bad, "train.steps=12", "train.ckpt_every=5", "fault.max_bad_steps=3",
-                    "train.keep_last=0")
-    seen = record_steps(trainer)
-    try:
+    overrides = ("train.steps=12", "train.ckpt_every=5", "fault.max_bad_steps=3", "train.keep_last=0")
+    with closing(build(tmp_path, token_corpus, bad, *overrides)) as trainer:
+        seen = record_steps(trainer)
         result = trainer.fit()
-    finally:
-        trainer.close()
     assert result["finished"] and result["step"] == 12
     # Data positions: 1..9 (7, 8, 9 bad) then the roll-back to step 5, and steps 6..12 take positions 10..16.
     assert trainer.data.loader.positions == list(range(1, 17))
@@ -100,44 +95,31 @@ def test_bad_steps_in_a_row_roll_back_to_the_last_checkpoint(tmp_path, token_cor
 
 def test_bad_again_right_after_a_roll_back_stops_the_run(tmp_path, token_corpus):
     bad = {position: poisoned for position in range(5, 40)}
-    trainer = build(tmp_path, token_corpus, bad, "train.steps=30", "train.ckpt_every=3", "fault.max_bad_steps=2")
-    try:
+    overrides = ("train.steps=30", "train.ckpt_every=3", "fault.max_bad_steps=2")
+    with closing(build(tmp_path, token_corpus, bad, *overrides)) as trainer:
         with pytest.raises(TrainingDiverged, match=r"2 bad steps in a row again right after rolling back"):
             trainer.fit()
-    finally:
-        trainer.close()
     assert [r["rolled_back_to"] for r in records(tmp_path) if "rolled_back_to" in r] == ["step_00000003"]
 
 
 def test_bad_steps_without_a_checkpoint_stop_the_run(tmp_path, token_corpus):
-    trainer = build(tmp_path, token_corpus, {3: poisoned, 4: poisoned}, "train.steps=8", "fault.max_bad_steps=2")
-    try:
+    bad = {3: poisoned, 4: poisoned}
+    with closing(build(tmp_path, token_corpus, bad, "train.steps=8", "fault.max_bad_steps=2")) as trainer:
         with pytest.raises(TrainingDiverged, match=r"2 bad steps in a row up to step 4 .* no checkpoint in"):
             trainer.fit()
-    finally:
-        trainer.close()
 
 
 def test_resume_restores_the_spike_window(tmp_path, token_corpus):
     """The guard's window is in the checkpoint: a resumed run skips exactly what the straight one skips."""
     bad = {14: random_tokens}
-    straight = build(tmp_path / "straight", token_corpus, bad, "train.steps=16")
-    try:
+    with closing(build(tmp_path / "straight", token_corpus, bad, "train.steps=16")) as straight:
         straight.fit()
-    finally:
-        straight.close()
-    first = build(tmp_path / "resumed", token_corpus, bad, "train.steps=16", "train.exit_interval=9")
-    try:
+    with closing(build(tmp_path / "resumed", token_corpus, bad, "train.steps=16", "train.exit_interval=9")) as first:
         assert not first.fit()["finished"]
-    finally:
-        first.close()
-    second = build(tmp_path / "resumed", token_corpus, bad, "train.steps=16")
-    try:
+    with closing(build(tmp_path / "resumed", token_corpus, bad, "train.steps=16")) as second:
         second.restore(second.resume_from)
         assert list(second.guard.window) == list(first.guard.window)
         second.fit()
-    finally:
-        second.close()
     skipped = [(r["step"], r["skipped"]) for r in records(tmp_path / "straight") if "skipped" in r]
     assert [s for s, _ in skipped] == [14]
     assert [(r["step"], r["skipped"]) for r in records(tmp_path / "resumed") if "skipped" in r] == skipped
