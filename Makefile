@@ -5,7 +5,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test kenlm test-corpora slurm-local
+.PHONY: install demo test kenlm test-corpora slurm-local gpu-check gpu-wheels
 
 install:
 	bash scripts/setup_env.sh $(VENV)
@@ -27,3 +27,17 @@ test-corpora:
 # A one-node SLURM cluster on this machine (slurm-wlm + munge via apt-get when missing) for tests/launch.
 slurm-local:
 	bash launch/slurm_local/setup.sh >/dev/null
+
+# On a machine with one NVIDIA GPU and its own CUDA torch (no .venv, no network needed): installs what the
+# CUDA tests lack from .whl/ (else PyPI), runs tests/cuda and the GPU benchmarks in under 8 minutes, and
+# writes runs/gpu_check/gpu_check.json and the "GPU check" section of benchmarks/RESULTS.md (docs/gpu_check.md).
+# Flags through GPU_CHECK_ARGS. A smoke run of the script on CPU (the CUDA tests skip):
+#   make gpu-check GPU_PY=.venv/bin/python GPU_CHECK_ARGS="--device cpu --quick"
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py run $(GPU_CHECK_ARGS)
+
+# On a networked machine: the wheels gpu-check installs (pure Python, for the GPU machines' Python 3.12),
+# into .whl/, which is git-ignored: copy it to the GPU machine with the working tree.
+gpu-wheels:
+	$(GPU_PY) scripts/gpu_check.py wheels

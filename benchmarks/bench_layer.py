@@ -12,7 +12,7 @@ over the mean wall-clock step time after warm-up
 attention term) / the device's dense bf16 peak (llama_pt.train.metrics; none on CPU). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. --compile adds rows for `selective` with its
 elementwise pieces fused by torch.compile (llama_pt.ops.layer_backward.compile_elementwise).
---json writes the rows (atomically).
+--json writes the rows (atomically) after each row, so a run stopped early keeps the rows it finished.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def run_row(args, preset: str, impl: str, mode: str, backend: str, compiled: boo
     return row
 
 
-def run_rows(args) -> list[dict]:
+def run_rows(args, on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Time every row; `on_row` is called with the rows so far after each."""
     device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])
@@ -147,6 +148,7 @@ def run_rows(args) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(_format_row(rows[-1]), flush=True)
+                on_row(rows)
     return rows
 
 
@@ -200,13 +202,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     env = environment(torch.device(args.device))
     print(json.dumps(env))
     print(HEADER)
-    rows = run_rows(args)
-    if args.json:
-        tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                   "rows": rows}, indent=1))
-        tmp.replace(args.json)
-    return rows
+
+    def write_json(rows: list[dict]) -> None:
+        if args.json:
+            tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                       "rows": rows}, indent=1))
+            tmp.replace(args.json)
+    return run_rows(args, write_json)
 
 
 if __name__ == "__main__":

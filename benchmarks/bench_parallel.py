@@ -176,8 +176,12 @@ def run_single(args) -> list[dict]:
 
 
 def versions() -> str:
-    import deepspeed
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}; "
+    try:
+        import deepspeed
+        ds = f", deepspeed {deepspeed.__version__}"
+    except ImportError:  # the one-device comparison runs without it (GPU images often lack it)
+        ds = ""
+    return (f"Python {platform.python_version()}, torch {torch.__version__}{ds}; "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}")
 
 

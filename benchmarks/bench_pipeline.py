@@ -104,9 +104,9 @@ def count_docs(folder: Path) -> int:
 
 # ---------------------------------------------------------------- models
 def train_models(work: Path, english: list[str]) -> dict[str, str]:
-    from data_pipeline.steps.kenlm_train import train_reference_lm
     from data_pipeline.steps.lid import bundled_lid_model_path
-    from data_pipeline.steps.perplexity import compute_perplexity_cutoffs
+    from data_pipeline.tools.lm_cutoffs import compute_perplexity_cutoffs
+    from data_pipeline.tools.train_lm import train_reference_lm
 
     lm_dir = work / "lm"
     ref = work / "en_reference.txt"

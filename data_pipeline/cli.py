@@ -11,10 +11,12 @@ override stops the command with one line naming the key or file, before any work
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
-from . import stats as stats_mod
+from .stats import summary
+from .tools import COMMANDS
 
 STAGE_HELP = {
     "run": "every stage in order: dedup, clean, train-tokenizer, tokenize, manifest",
@@ -27,13 +29,6 @@ STAGE_HELP = {
 }
 
 
-def _tool_commands() -> dict[str, str]:
-    """Model-training commands of the steps (name -> module exposing add_arguments(p) and run(args))."""
-    from .steps import COMMANDS
-
-    return COMMANDS
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-data", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("recipe", help="recipe file, or a name in configs/prep/ (demo -> configs/prep/demo.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. workers=4")
-    import importlib
-
-    for name, module in _tool_commands().items():
+    for name, module in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_report(report: dict) -> None:
     if report.get("sources"):
-        for line in stats_mod.summary(report):
+        for line in summary(report):
             print(line)
     else:
         extra = {k: v for k, v in report.items() if k not in ("stage", "sources")}
@@ -98,6 +91,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

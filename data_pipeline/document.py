@@ -1,4 +1,4 @@
-"""The unit that flows through the pipeline (DESIGN.md: id, text, source, metadata)."""
+"""The unit that flows through the pipeline: id, text, source, metadata."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,8 +14,3 @@ class Document:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "source": self.source, "metadata": self.metadata}
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "Document":
-        return cls(id=str(record["id"]), text=record["text"], source=record.get("source", ""),
-                   metadata=dict(record.get("metadata") or {}))

@@ -15,33 +15,29 @@ any other (completion markers, reruns of unfinished tasks only):
 The global order of a source's documents is (shard index, position in the shard's stream at the
 step); "the first occurrence" means the first in that order. Several global steps in one source run
 one after another (``pipeline.dedup_rounds``): the hash pass of each sees the documents after the
-filters of the earlier ones. Every file is written under a temporary name and renamed when complete,
-as numpy arrays without pickle.
+filters of the earlier ones. Every file is a numpy array (``.npy``, or ``.npz`` of several) saved
+without pickle by ``save_npy``/``save_npz``: under a temporary name, renamed when complete.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from .document import Document
 from .step import Step
-
-
-def save_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into ``path.tmp``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+from .task import output_file
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    save_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    with output_file(path) as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with output_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def mismatch_error(step: str, path: Path, detail: str) -> RuntimeError:

@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from .document import Document
-from .global_step import GlobalStep, mismatch_error, save_atomic, save_npy
+from .global_step import GlobalStep, mismatch_error, save_npy, save_npz
 
 HASH_DTYPE = np.dtype("<u8")
 
@@ -65,7 +65,7 @@ def write_shard_hashes(seq: np.ndarray, path: Path, partitions: int) -> None:
         repeated = values[1:] == values[:-1]
         arrays[f"u{p}"] = np.unique(values)
         arrays[f"d{p}"] = np.unique(values[1:][repeated])
-    save_atomic(path, lambda f: np.savez(f, **arrays))
+    save_npz(path, arrays)
 
 
 def merge_partition(shard_files: list[Path], partition: int, step_dir: Path, keep_first: bool) -> dict[str, int]:

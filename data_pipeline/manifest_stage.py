@@ -1,20 +1,21 @@
 """The mixture manifest train.py reads: token shards per source with weights and epochs.
 
-``PRESETS["llama1"]`` is Table 1 of the LLaMA paper (Touvron et al. 2023): each source's sampling
-proportion and the epochs it made over the 1.4T-token run. The recipe's ``mixture.weights`` and
-``mixture.epochs`` override it per source; weights are written as fractions (Table 1's percentages /
-100), and train.py normalises them over the sources present.
+A recipe's ``mixture.preset`` names a published mixture of ``llama_pt.config.mixtures`` (``llama1``:
+LLaMA Table 1, each source's sampling proportion and the epochs it made over the 1.4T-token run).
+The recipe's ``mixture.weights`` and ``mixture.epochs`` override it per source. Weights are written as
+fractions (the preset's percentages / 100), and train.py normalises them over the sources present.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-#: name -> (sampling proportion, epochs) of LLaMA Table 1.
+from llama_pt.config.mixtures import MIXTURES
+
+#: The published mixtures as the manifest writes them: name -> source -> (weight as a fraction, epochs).
 PRESETS: dict[str, dict[str, tuple[float, float]]] = {
-    "llama1": {"commoncrawl": (0.670, 1.10), "c4": (0.150, 1.06), "github": (0.045, 0.64),
-               "wikipedia": (0.045, 2.45), "books": (0.045, 2.23), "arxiv": (0.025, 1.06),
-               "stackexchange": (0.020, 1.03)},
+    name: {source: (share.percent / 100, share.epochs) for source, share in mixture.items()}
+    for name, mixture in MIXTURES.items()
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from .document import Document
 from .global_step import GlobalStep
-from .readers import InputShard, make_reader
+from .readers import InputShard, Reader, make_reader
 from .stats import OutputStats
 from .step import Step
 from .steps import get_step_class
@@ -77,7 +77,8 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 
 
-def _chain(specs: Iterable[StepSpec], ctx: ShardContext, docs: Iterator[Document]):
+def chain_steps(specs: Iterable[StepSpec], ctx: ShardContext,
+                docs: Iterator[Document]) -> tuple[Iterator[Document], dict[str, Step]]:
     """Build, set up and chain the steps; returns (documents out, {key: step})."""
     steps: dict[str, Step] = {}
     for spec in specs:
@@ -90,7 +91,9 @@ def _chain(specs: Iterable[StepSpec], ctx: ShardContext, docs: Iterator[Document
 
 
 @dataclass
-class _ShardTaskBase:
+class ShardTask:
+    """What the tasks reading one input shard of a source share: the shard, where to write, the seed."""
+
     source: SourceSpec
     shard: InputShard
     index: int
@@ -104,13 +107,14 @@ class _ShardTaskBase:
         return ShardContext(self.source.name, self.index, self.num_shards,
                             Path(self.work_root) / self.source.name, self.seed)
 
-    def _stats(self, reader, steps: dict[str, Step]) -> dict[str, Any]:
+    def counters(self, reader: Reader, steps: dict[str, Step]) -> dict[str, Any]:
+        """The counters of the reader and of every step, for the task's marker."""
         return {"source": self.source.name, "shard": self.shard.describe(), "reader": dict(reader.stats),
                 "steps": {key: dict(step.stats) for key, step in steps.items()}}
 
 
 @dataclass
-class CleanTask(_ShardTaskBase):
+class CleanTask(ShardTask):
     """Reader -> every step -> jsonl.zst files under ``<stage_dir>/<source>/[<group>/]``."""
 
     @property
@@ -123,19 +127,19 @@ class CleanTask(_ShardTaskBase):
 
     def run(self) -> dict[str, Any]:
         reader = self.source.make_reader()
-        writer = ShardWriter(self.stage_dir, self.source.name, shard_name(self.index))
-        writer.remove_stale()
-        docs, steps = _chain(self.source.steps, self.context, reader.read(self.shard))
         out = OutputStats()
-        for doc in docs:
-            writer.write(doc)
-            out.add(doc.metadata, len(doc.text))
-        groups = writer.close()
-        return {**self._stats(reader, steps), "output": {**out.to_json(), "groups": groups}}
+        with ShardWriter(self.stage_dir, self.source.name, shard_name(self.index)) as writer:
+            writer.remove_stale()
+            docs, steps = chain_steps(self.source.steps, self.context, reader.read(self.shard))
+            for doc in docs:
+                writer.write(doc)
+                out.add(doc.metadata, len(doc.text))
+            groups = writer.close()
+        return {**self.counters(reader, steps), "output": {**out.to_json(), "groups": groups}}
 
 
 @dataclass
-class HashTask(_ShardTaskBase):
+class HashTask(ShardTask):
     """Pass 1 of the global step at ``step_index``: reader -> the steps before it -> its ``scan``."""
 
     step_index: int = 0
@@ -155,10 +159,10 @@ class HashTask(_ShardTaskBase):
 
     def run(self) -> dict[str, Any]:
         reader = self.source.make_reader()
-        docs, steps = _chain(self.source.steps[: self.step_index], self.context, reader.read(self.shard))
+        docs, steps = chain_steps(self.source.steps[: self.step_index], self.context, reader.read(self.shard))
         step = self.spec.build()
         hashed = step.scan(docs, replace(self.context, step_key=self.spec.key).step_dir, self.index)
-        return {**self._stats(reader, steps), "source": f"{self.source.name}/{self.spec.key}", "hash": hashed}
+        return {**self.counters(reader, steps), "source": f"{self.source.name}/{self.spec.key}", "hash": hashed}
 
 
 @dataclass

@@ -1,21 +1,28 @@
 """Readers: input shards (files, or parts of a saved Hugging Face dataset) -> Documents.
 
+JSONL and WET files are opened with ``compression.open_utf8``: plain, gzip or zstd as the first bytes
+say (whatever the name), a leading UTF-8 byte-order mark skipped, CRLF line ends accepted. An empty
+file yields nothing. A UTF-16 file raises ``NotUtf8Error`` naming it: its records are good, so it stops
+the task rather than being dropped (convert it and rerun; finished tasks are not redone).
+
 Every reader counts what it reads (``read``) and each bad record under ``bad/<reason>``, skips it and
 goes on: the run never crashes on a record and never drops a good one. Reasons:
 
 - ``invalid_utf8``    bytes that do not decode as UTF-8 (or a JSON escape of a lone surrogate)
 - ``malformed_json``  a JSONL line that is not a JSON object
-- ``missing_text``    no text field, or one that is not a string
+- ``missing_text``    no text field, or a null one
+- ``text_not_string`` a text field that is a list, a number, an object: never coerced
 - ``nul_bytes``       a NUL byte in the record or its text
 - ``oversize``        a record over ``max_doc_bytes`` (skipped while streaming, never held in memory)
 - ``empty_text``      text that is empty or only whitespace
 - ``truncated_file``  a gzip/zstd stream cut short: every record before the cut is kept
-- ``corrupt_file``    a file that cannot be decoded at all from some point on (kept up to it)
+- ``corrupt_file``    a file that cannot be decoded from some point on (records up to it are kept)
 - ``malformed_record``/``truncated_record`` WARC framing errors (bad header, short content)
 """
 from __future__ import annotations
 
 import glob
+import io
 import json
 import re
 import zlib
@@ -26,12 +33,14 @@ from typing import Any, Iterator
 
 import zstandard
 
-from .compression import open_binary
+from .compression import open_utf8
 from .document import Document
 
 DEFAULT_MAX_DOC_BYTES = 10_000_000
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
-_STREAM_ERRORS = (OSError, zlib.error, zstandard.ZstdError)  # gzip.BadGzipFile is an OSError
+# EOFError: a compressed stream cut inside a member; the others: bytes that cannot be decoded
+# (or a file that cannot be read at all).
+_STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,11 @@ class Reader:
             self.bad("malformed_json")
             return None
         text = record.get(self.text_key)
-        if not isinstance(text, str):
+        if text is None:
             self.bad("missing_text")
+            return None
+        if not isinstance(text, str):
+            self.bad("text_not_string")
             return None
         if "\x00" in text:
             self.bad("nul_bytes")
@@ -110,7 +122,21 @@ def expand_paths(patterns: list[str] | str) -> list[str]:
     return sorted(dict.fromkeys(found))
 
 
-def bounded_lines(stream, max_bytes: int, stats: Counter[str], name: str) -> Iterator[tuple[int, bytes]]:
+def _count_stream_error(exc: Exception, stats: Counter[str]) -> None:
+    """Count a stream error from ``_STREAM_ERRORS`` as ``bad/truncated_file`` or ``bad/corrupt_file``."""
+    stats["bad/truncated_file" if isinstance(exc, EOFError) else "bad/corrupt_file"] += 1
+
+
+def _open_counted(path: str, stats: Counter[str]) -> io.BufferedReader | None:
+    """``open_utf8(path)``, or None after counting why nothing of it can be decoded."""
+    try:
+        return open_utf8(path)
+    except _STREAM_ERRORS as exc:
+        _count_stream_error(exc, stats)
+        return None
+
+
+def bounded_lines(stream, max_bytes: int, stats: Counter[str]) -> Iterator[tuple[int, bytes]]:
     """(line number, line) for each line of ``stream``; longer lines are skipped (``bad/oversize``)
     without being held in memory; a cut or corrupt stream ends the iteration after counting it."""
     lineno = 0
@@ -126,26 +152,22 @@ def bounded_lines(stream, max_bytes: int, stats: Counter[str], name: str) -> Ite
                 stats["bad/oversize"] += 1
                 continue
             yield lineno, line
-    except EOFError:
-        stats["bad/truncated_file"] += 1
-    except _STREAM_ERRORS:
-        stats["bad/corrupt_file"] += 1
+    except _STREAM_ERRORS as exc:
+        _count_stream_error(exc, stats)
 
 
 class JsonlReader(Reader):
-    """One JSON object per line, plain, .gz or .zst; ``id`` defaults to ``<file name>/<line number>``."""
+    """One JSON object per line, plain, gzip or zstd; ``id`` defaults to ``<file name>/<line number>``."""
 
     format = "jsonl"
 
     def read(self, shard: InputShard) -> Iterator[Document]:
         name = Path(shard.path).name
-        try:
-            stream = open_binary(shard.path)
-        except _STREAM_ERRORS:
-            self.bad("corrupt_file")
+        stream = _open_counted(shard.path, self.stats)
+        if stream is None:
             return
         with stream:
-            for lineno, raw in bounded_lines(stream, self.max_doc_bytes, self.stats, shard.path):
+            for lineno, raw in bounded_lines(stream, self.max_doc_bytes, self.stats):
                 if not raw.strip():
                     continue
                 if b"\x00" in raw:
@@ -243,18 +265,14 @@ class WetReader(Reader):
     MAX_HEADER_LINE = 1 << 16
 
     def read(self, shard: InputShard) -> Iterator[Document]:
-        try:
-            stream = open_binary(shard.path)
-        except _STREAM_ERRORS:
-            self.bad("corrupt_file")
+        stream = _open_counted(shard.path, self.stats)
+        if stream is None:
             return
         with stream:
             try:
                 yield from self._records(stream)
-            except EOFError:
-                self.bad("truncated_file")
-            except _STREAM_ERRORS:
-                self.bad("corrupt_file")
+            except _STREAM_ERRORS as exc:
+                _count_stream_error(exc, self.stats)
 
     def _records(self, stream) -> Iterator[Document]:
         while True:

@@ -2,7 +2,7 @@
 
 Everything is checked here, before any worker starts: an unknown key, a wrong type, an unknown
 step or step argument, an input pattern that matches nothing, a source without a mixture weight —
-each is one ``llama_pt.model.ConfigError`` (or ``FileNotFoundError``) whose message names the key or the file.
+each is one ``llama_pt.config.ConfigError`` (or ``FileNotFoundError``) whose message names the key or the file.
 """
 from __future__ import annotations
 
@@ -11,18 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .manifest_stage import PRESETS
+from llama_pt.config import ConfigError
+from llama_pt.config.mixtures import MIXTURES
+
+from .executor import LocalExecutor, make_executor
 from .pipeline import SourceSpec, StepSpec
 from .readers import READERS, expand_paths
+from .slurm import SlurmExecutor
 from .steps import get_step_class
-
-def config_error(message: str) -> ValueError:
-    """``llama_pt.model.ConfigError(message)``, imported only when there is an error to raise
-    (``llama_pt.model`` imports torch, which a valid data-prep command may never need)."""
-    from llama_pt.model.config import ConfigError
-
-    return ConfigError(message)
-
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "prep"
 
@@ -78,9 +74,7 @@ class Recipe:
     def tokens_dir(self) -> Path:
         return self.output_dir / "tokens"
 
-    def make_executor(self):
-        from .executor import make_executor
-
+    def make_executor(self) -> LocalExecutor | SlurmExecutor:
         return make_executor(self.executor, workers=self.workers, progress=self.progress,
                              log_dir=self.output_dir / "slurm_logs", slurm=self.slurm)
 
@@ -113,16 +107,16 @@ def load_recipe(name_or_path: str, overrides: list[str] = (), check_inputs: bool
         raise ValueError(f"{path}: not a valid recipe ({str(exc).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise config_error(f"override {item!r} must be key=value")
+            raise ConfigError(f"override {item!r} must be key=value")
     for item in overrides:
         try:
             loaded = OmegaConf.merge(loaded, OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise config_error(f"bad override {item!r}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"bad override {item!r}: {str(exc).splitlines()[0]}") from None
     merged = loaded
     raw = OmegaConf.to_container(merged, resolve=True)
     if not isinstance(raw, dict):
-        raise config_error(f"{path}: a recipe is a mapping of keys")
+        raise ConfigError(f"{path}: a recipe is a mapping of keys")
     return build_recipe(raw, str(path), check_inputs)
 
 
@@ -130,16 +124,16 @@ def _section(raw: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise config_error(f"{where} must be a mapping")
+        raise ConfigError(f"{where} must be a mapping")
     unknown = sorted(set(raw) - set(defaults))
     if unknown:
-        raise config_error(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(defaults))})")
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(defaults))})")
     return {**defaults, **raw}
 
 
 def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise config_error(f"{key}={value!r} must be an integer >= {minimum}")
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
     return value
 
 
@@ -147,17 +141,17 @@ def build_recipe(raw: dict[str, Any], where: str = "recipe", check_inputs: bool 
     cfg = _section(raw, DEFAULTS, "")
     for key, typ in _TYPES.items():
         if cfg[key] is not None and not isinstance(cfg[key], typ):
-            raise config_error(f"{key}={cfg[key]!r} must be of type {typ.__name__}")
+            raise ConfigError(f"{key}={cfg[key]!r} must be of type {typ.__name__}")
     if not cfg["output_dir"]:
-        raise config_error(f"output_dir: required ({where})")
+        raise ConfigError(f"output_dir: required ({where})")
     if cfg["executor"] not in ("local", "slurm"):
-        raise config_error(f"executor={cfg['executor']!r} must be local or slurm")
+        raise ConfigError(f"executor={cfg['executor']!r} must be local or slurm")
     _positive_int(cfg["workers"], "workers")
     slurm = _section(cfg["slurm"], DEFAULTS["slurm"], "slurm")
     for key in ("time_min", "cpus_per_task", "array_parallelism", "max_array_size"):
         _positive_int(slurm[key], f"slurm.{key}")
     if slurm["cluster"] not in ("slurm", "local", "debug"):
-        raise config_error(f"slurm.cluster={slurm['cluster']!r} must be slurm, local or debug")
+        raise ConfigError(f"slurm.cluster={slurm['cluster']!r} must be slurm, local or debug")
     tokenizer = _section(cfg["tokenizer"], DEFAULTS["tokenizer"], "tokenizer")
     for key in ("vocab_size", "sample_bytes", "input_sentence_size", "num_threads"):
         _positive_int(tokenizer[key], f"tokenizer.{key}")
@@ -166,9 +160,9 @@ def build_recipe(raw: dict[str, Any], where: str = "recipe", check_inputs: bool 
     tokenize = _section(cfg["tokenize"], DEFAULTS["tokenize"], "tokenize")
     _positive_int(tokenize["batch_size"], "tokenize.batch_size")
     if not isinstance(tokenize["valid_fraction"], (int, float)) or not 0 <= tokenize["valid_fraction"] < 1:
-        raise config_error(f"tokenize.valid_fraction={tokenize['valid_fraction']!r} must be in [0, 1)")
+        raise ConfigError(f"tokenize.valid_fraction={tokenize['valid_fraction']!r} must be in [0, 1)")
     if not isinstance(cfg["sources"], dict) or not cfg["sources"]:
-        raise config_error(f"sources: at least one source is required ({where})")
+        raise ConfigError(f"sources: at least one source is required ({where})")
     sources = tuple(_source(name, spec, check_inputs) for name, spec in cfg["sources"].items())
     mixture = _mixture(cfg["mixture"], [s.name for s in sources])
     return Recipe(name=cfg["name"], output_dir=Path(cfg["output_dir"]), executor=cfg["executor"],
@@ -179,15 +173,15 @@ def build_recipe(raw: dict[str, Any], where: str = "recipe", check_inputs: bool 
 def _source(name: str, raw: Any, check_inputs: bool) -> SourceSpec:
     where = f"sources.{name}"
     if not name or "/" in name or name.startswith("."):
-        raise config_error(f"{where}: a source name must be a plain folder name")
+        raise ConfigError(f"{where}: a source name must be a plain folder name")
     spec = _section(raw, SOURCE_DEFAULTS, where)
     if spec["format"] not in READERS:
-        raise config_error(f"{where}.format={spec['format']!r} must be one of {', '.join(READERS)}")
+        raise ConfigError(f"{where}.format={spec['format']!r} must be one of {', '.join(READERS)}")
     paths = spec["paths"]
     if isinstance(paths, str):
         paths = [paths]
     if not paths or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise config_error(f"{where}.paths: a glob pattern or a list of them is required")
+        raise ConfigError(f"{where}.paths: a glob pattern or a list of them is required")
     if check_inputs:
         for pattern in paths:
             try:
@@ -210,41 +204,41 @@ def _step(where: str, key: str, raw: Any) -> StepSpec:
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
-        raise config_error(f"{where}: a step is a mapping of its arguments (or null to disable it)")
+        raise ConfigError(f"{where}: a step is a mapping of its arguments (or null to disable it)")
     kwargs = dict(raw)
     name = kwargs.pop("step", key)
     try:
         cls = get_step_class(name)
     except KeyError as exc:
-        raise config_error(f"{where}: {exc.args[0]}") from None
+        raise ConfigError(f"{where}: {exc.args[0]}") from None
     try:
         inspect.signature(cls).bind(**kwargs)
         if not cls.loads_models:
             cls(**kwargs)  # cheap: checks the argument values as well
     except (TypeError, ValueError) as exc:
-        raise config_error(f"{where}: {exc} (step {name})") from None
+        raise ConfigError(f"{where}: {exc} (step {name})") from None
     return StepSpec(key=key, step=name, kwargs=kwargs)
 
 
 def _mixture(raw: Any, names: list[str]) -> dict[str, Any]:
     mix = _section(raw, DEFAULTS["mixture"], "mixture")
-    if mix["preset"] is not None and mix["preset"] not in PRESETS:
-        raise config_error(f"mixture.preset={mix['preset']!r} must be null or one of {', '.join(PRESETS)}")
-    preset = PRESETS.get(mix["preset"], {})
+    if mix["preset"] is not None and mix["preset"] not in MIXTURES:
+        raise ConfigError(f"mixture.preset={mix['preset']!r} must be null or one of {', '.join(MIXTURES)}")
+    preset = MIXTURES.get(mix["preset"], {})
     for field in ("weights", "epochs"):
         given = mix[field] or {}
         if isinstance(given, dict):  # null unsets a source's value (a mapping cannot be emptied by an override)
             given = {k: v for k, v in given.items() if v is not None}
         if not isinstance(given, dict):
-            raise config_error(f"mixture.{field} must be a mapping source -> number")
+            raise ConfigError(f"mixture.{field} must be a mapping source -> number")
         for name, value in given.items():
             if name not in names:
-                raise config_error(f"mixture.{field}.{name}: not a source of this recipe ({', '.join(names)})")
+                raise ConfigError(f"mixture.{field}.{name}: not a source of this recipe ({', '.join(names)})")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise config_error(f"mixture.{field}.{name}={value!r} must be a positive number")
+                raise ConfigError(f"mixture.{field}.{name}={value!r} must be a positive number")
         mix[field] = dict(given)
     for name in names:
         if name not in mix["weights"] and name not in mix["epochs"] and name not in preset:
-            raise config_error(f"mixture.weights.{name}: the source needs a weight or epochs "
+            raise ConfigError(f"mixture.weights.{name}: the source needs a weight or epochs "
                               f"(or a preset that names it)")
     return mix

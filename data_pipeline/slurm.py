@@ -2,7 +2,7 @@
 
 SLURM refuses an array whose largest index is >= MaxArraySize (``scontrol show config``; 1001 by
 default), and submitit numbers array tasks from 0, so a stage of n tasks is submitted as
-ceil(n / MaxArraySize) arrays. Each array task runs ``executor.run_task`` on one task, which skips
+ceil(n / MaxArraySize) arrays. Each array task runs ``task.run_task`` on one task, which skips
 it when its marker exists, so resubmitting a stage redoes only what did not finish.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .executor import Task, TaskError, progress_bar, read_marker, run_task
+from .task import Task, TaskError, pending, progress_bar, read_marker, run_task
 
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
 
@@ -89,10 +89,10 @@ class SlurmExecutor:
         return jobs
 
     def run(self, stage: str, tasks: Sequence[Task]) -> list[dict[str, Any]]:
-        pending = [t for t in tasks if not Path(t.marker).exists()]
-        if pending:
-            jobs = self.submit(stage, pending)
-            with progress_bar(len(tasks), len(tasks) - len(pending), stage, self.progress) as bar:
+        todo = pending(tasks)
+        if todo:
+            jobs = self.submit(stage, todo)
+            with progress_bar(len(tasks), len(tasks) - len(todo), stage, self.progress) as bar:
                 waiting = list(jobs)
                 while waiting:
                     still = [(t, j) for t, j in waiting if not j.done()]

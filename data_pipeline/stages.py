@@ -10,16 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import stats as stats_mod
-from .executor import read_marker
+from .manifest_stage import write_manifests
 from .pipeline import clean_tasks, run_dedup_passes
 from .recipe import Recipe
+from .stats import write_report
+from .task import read_marker
 from .tokenize_stage import TOKENIZER_NAME, encode_tasks, train_tokenizer
 
 STAGES = ("dedup", "clean", "train-tokenizer", "tokenize", "manifest")
 
 
-def _names(recipe: Recipe) -> list[str]:
+def source_names(recipe: Recipe) -> list[str]:
     return [s.name for s in recipe.sources]
 
 
@@ -27,13 +28,13 @@ def run_dedup(recipe: Recipe, executor) -> dict[str, Any]:
     stats = run_dedup_passes(executor, recipe.sources, recipe.work_dir, recipe.seed)
     if not stats:
         return {"stage": "dedup", "sources": {}, "skipped": "no source has a dedup step"}
-    return stats_mod.write_report(recipe.work_dir, "dedup", stats)
+    return write_report(recipe.work_dir, "dedup", stats)
 
 
 def run_clean(recipe: Recipe, executor) -> dict[str, Any]:
     run_dedup(recipe, executor)  # a no-op when its markers are all there
     tasks = clean_tasks(recipe.sources, recipe.clean_dir, recipe.work_dir, recipe.seed)
-    return stats_mod.write_report(recipe.clean_dir, "clean", executor.run("clean", tasks))
+    return write_report(recipe.clean_dir, "clean", executor.run("clean", tasks))
 
 
 def tokenizer_model(recipe: Recipe) -> Path:
@@ -43,7 +44,7 @@ def tokenizer_model(recipe: Recipe) -> Path:
 def run_train_tokenizer(recipe: Recipe, executor=None) -> dict[str, Any]:
     if recipe.tokenizer["model"]:
         return {"stage": "train-tokenizer", "sources": {}, "model": recipe.tokenizer["model"], "trained": False}
-    path = train_tokenizer(recipe.clean_dir, _names(recipe), recipe.tokenizer_dir, recipe.tokenizer, recipe.seed)
+    path = train_tokenizer(recipe.clean_dir, source_names(recipe), recipe.tokenizer_dir, recipe.tokenizer, recipe.seed)
     return {"stage": "train-tokenizer", "sources": {}, "model": str(path)}
 
 
@@ -51,23 +52,21 @@ def run_tokenize(recipe: Recipe, executor) -> dict[str, Any]:
     model = tokenizer_model(recipe)
     if not model.is_file():
         raise FileNotFoundError(f"{model}: no tokenizer; run `llama-data train-tokenizer` first")
-    tasks = encode_tasks(recipe.clean_dir, _names(recipe), recipe.tokens_dir, model, recipe.tokenize)
+    tasks = encode_tasks(recipe.clean_dir, source_names(recipe), recipe.tokens_dir, model, recipe.tokenize)
     if not tasks:
         raise FileNotFoundError(f"{recipe.clean_dir}: no clean shards to tokenize; run the clean stage")
-    return stats_mod.write_report(recipe.tokens_dir, "tokenize", executor.run("tokenize", tasks))
+    return write_report(recipe.tokens_dir, "tokenize", executor.run("tokenize", tasks))
 
 
 def run_manifest(recipe: Recipe, executor=None) -> dict[str, Any]:
-    from .manifest_stage import write_manifests
-
     model = tokenizer_model(recipe)
-    tasks = encode_tasks(recipe.clean_dir, _names(recipe), recipe.tokens_dir, model, recipe.tokenize)
+    tasks = encode_tasks(recipe.clean_dir, source_names(recipe), recipe.tokens_dir, model, recipe.tokenize)
     missing = [t.name for t in tasks if not t.marker.exists()]
     if missing or not tasks:
         raise FileNotFoundError(f"{recipe.tokens_dir}: tokenization incomplete ({len(missing)} shard(s) "
                                 f"missing, e.g. {missing[:1]}); run `llama-data tokenize` first")
     written = write_manifests([read_marker(t.marker) for t in tasks], recipe.tokens_dir, model,
-                              recipe.mixture, _names(recipe))
+                              recipe.mixture, source_names(recipe))
     return {"stage": "manifest", "sources": {}, **{k: str(v) for k, v in written.items()}}
 
 
@@ -81,5 +80,5 @@ def report(recipe: Recipe) -> list[dict[str, Any]]:
     for stage, folder in (("dedup", recipe.work_dir), ("clean", recipe.clean_dir), ("tokenize", recipe.tokens_dir)):
         markers = sorted((folder / ".markers").rglob("*.json")) if (folder / ".markers").is_dir() else []
         if markers:
-            reports.append(stats_mod.write_report(folder, stage, [read_marker(m) for m in markers]))
+            reports.append(write_report(folder, stage, [read_marker(m) for m in markers]))
     return reports

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
+
+from .task import output_file, output_path
 
 #: Perplexity histogram bins: log10(perplexity) in [0, 6) in steps of 0.05 (plus overflow in the last).
 PPL_LOG10_MAX = 6.0
@@ -94,10 +95,9 @@ def _plot_perplexity(hists: dict[str, list[int]], title: str, path: Path) -> Non
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with output_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(stage_dir: Path, stage: str, shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,9 +111,8 @@ def write_report(stage_dir: Path, stage: str, shard_stats: list[dict[str, Any]])
             png = stage_dir / f"perplexity_{source or 'all'}.png"
             _plot_perplexity(hists, f"{stage}: {source}", png)
             stats["perplexity_png"] = png.name
-    tmp = stage_dir / "stats.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, stage_dir / "stats.json")
+    with output_file(stage_dir / "stats.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
     return report
 
 

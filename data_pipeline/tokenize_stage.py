@@ -14,7 +14,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from llama_pt.atomic import leftovers, remove
+
 from .compression import open_binary
+from .step import batched
 from .writers import SUFFIX
 
 TOKENIZER_NAME = "tokenizer"
@@ -25,7 +28,7 @@ def clean_files(clean_dir: Path, source: str) -> list[Path]:
     return sorted((Path(clean_dir) / source).rglob("*" + SUFFIX))
 
 
-def iter_clean_texts(path: Path) -> Iterator[dict[str, Any]]:
+def iter_clean_records(path: Path) -> Iterator[dict[str, Any]]:
     """The documents (JSON records) of one clean shard written by the pipeline."""
     with open_binary(path) as f:
         for line in f:
@@ -39,7 +42,7 @@ def sample_texts(files: list[Path], sample_bytes: int) -> Iterator[str]:
     for path, size in zip(files, sizes):
         quota = sample_bytes * size / total
         taken = 0
-        for record in iter_clean_texts(path):
+        for record in iter_clean_records(path):
             if taken >= quota:
                 break
             taken += len(record["text"].encode("utf-8"))
@@ -69,6 +72,16 @@ def in_valid_split(source: str, doc_id: str, fraction: float) -> bool:
     return h < fraction * 2.0 ** 64
 
 
+def remove_writer_leftovers(prefix: Path) -> None:
+    """Delete the temporary files that a killed ``IndexedDatasetWriter`` of ``prefix`` left: its
+    ``<file>.tmp<pid>`` files, and the ``llama_pt.atomic`` temporaries of the ``.bin`` and ``.idx``."""
+    from llama_pt.data.indexed import bin_path, idx_path
+
+    for final in (bin_path(prefix), idx_path(prefix)):
+        for tmp in [*leftovers(final), *final.parent.glob(final.name + ".tmp*")]:
+            remove(tmp)
+
+
 @dataclass
 class EncodeTask:
     """Encode one clean shard into ``<tokens_dir>/<rel>`` (train) and ``<tokens_dir>/valid/<rel>``."""
@@ -95,29 +108,18 @@ class EncodeTask:
 
         tok = Tokenizer(self.tokenizer_model)
         prefixes = {"train": self.rel_prefix, "valid": f"valid/{self.rel_prefix}"}
-        for p in prefixes.values():  # temporary files of an attempt that was killed
-            for stale in (Path(self.tokens_dir) / p).parent.glob(Path(p).name + ".*.tmp*"):
-                stale.unlink()
+        for p in prefixes.values():
+            remove_writer_leftovers(Path(self.tokens_dir) / p)
         writers = {k: IndexedDatasetWriter(Path(self.tokens_dir) / p, tok.vocab_size) for k, p in prefixes.items()}
         counts = {k: {"prefix": p, "documents": 0, "tokens": 0} for k, p in prefixes.items()}
-        batch: list[dict[str, Any]] = []
-
-        def flush() -> None:
-            ids = tok.encode_batch([r["text"] for r in batch], eos=True, num_threads=1)
-            for record, tokens in zip(batch, ids):
-                split = "valid" if in_valid_split(self.source, record["id"], self.valid_fraction) else "train"
-                writers[split].add_document(np.asarray(tokens, dtype=np.int64))
-                counts[split]["documents"] += 1
-                counts[split]["tokens"] += len(tokens)
-            batch.clear()
-
         try:
-            for record in iter_clean_texts(self.clean_file):
-                batch.append(record)
-                if len(batch) >= self.batch_size:
-                    flush()
-            if batch:
-                flush()
+            for batch in batched(iter_clean_records(self.clean_file), self.batch_size):
+                ids = tok.encode_batch([r["text"] for r in batch], eos=True, num_threads=1)
+                for record, tokens in zip(batch, ids):
+                    split = "valid" if in_valid_split(self.source, record["id"], self.valid_fraction) else "train"
+                    writers[split].add_document(np.asarray(tokens, dtype=np.int64))
+                    counts[split]["documents"] += 1
+                    counts[split]["tokens"] += len(tokens)
         except BaseException:
             for w in writers.values():
                 w.abort()

@@ -1,5 +1,7 @@
 """Checkpoint folders: atomic, verified, pruned, and never unpickled without restriction."""
+import hashlib
 import json
+import os
 import pickle
 
 import pytest
@@ -63,15 +65,83 @@ def test_extra_or_missing_file_is_refused(tmp_path):
         load_checkpoint(path, _zeros_like(_tensors(0)))
 
 
-def test_metadata_unpickler_refuses_arbitrary_globals(tmp_path):
+def _reseal(path):
+    """Rewrite MANIFEST.json to match the files, as an attacker who can write the folder would."""
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                for f in sorted(path.iterdir()) if f.is_file() and f.name != "MANIFEST.json"}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _stack_global_call(module, name, arg):
+    """A protocol-4 pickle that calls module.name(arg): STACK_GLOBAL resolves dotted names."""
+    def text(s):
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return (b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85" + b"R" + b".")
+
+
+class _ShellPayload:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _payloads(marker):
+    return {
+        "dotted name through an allowed module": _stack_global_call(
+            "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"),
+        "dotted name through the metadata module": _stack_global_call(
+            "torch.distributed.checkpoint.metadata", "os.system", f"touch {marker}"),
+        "builtins.eval": _stack_global_call("builtins", "eval", f"open({str(marker)!r}, 'w').write('ran')"),
+        "__reduce__ payload": pickle.dumps(_ShellPayload(f"touch {marker}")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["dotted name through an allowed module", "dotted name through the metadata module",
+                                  "builtins.eval", "__reduce__ payload"])
+def test_crafted_metadata_is_refused_and_nothing_runs(tmp_path, kind):
     path = save_checkpoint(tmp_path, 1, _tensors(1), {"step": 1})
+    marker = tmp_path / "payload_ran"
+    (path / ".metadata").write_bytes(_payloads(marker)[kind])
+    _reseal(path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, _zeros_like(_tensors(0)))
+    message = str(err.value)
+    assert "\n" not in message and str(path / ".metadata") in message and "not allowed" in message
+    assert not marker.exists(), f"the {kind} ran"
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
 
-    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+def test_the_payloads_do_run_through_plain_pickle(tmp_path):
+    """The crafted pickles above are live: an unrestricted unpickler executes every one of them."""
+    for i, payload in enumerate(_payloads(tmp_path / "ran").values()):
+        marker = tmp_path / "ran"
+        pickle.loads(payload)
+        assert marker.exists(), i
+        marker.unlink()
+
+
+def test_byte_entries_are_refused(tmp_path):
+    """DCP stores non-tensor values as byte entries and reads them back with torch.load(weights_only=False):
+    a checkpoint that declares one is refused before any data file is read."""
+    marker = tmp_path / "payload_ran"
+    path = save_checkpoint(tmp_path, 1, {"model": {"w": _ShellPayload(f"touch {marker}")}}, {"step": 1})
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="BytesStorageMetadata, which is not allowed"):
+        load_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert not marker.exists()
+
+
+def test_garbage_metadata_is_one_line_naming_the_file(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _tensors(1), {"step": 1})
+    (path / ".metadata").write_bytes(b"\x80\x04not a pickle")
+    _reseal(path)
+    with pytest.raises(CheckpointError, match=r"^checkpoint metadata .*\.metadata refused: [^\n]*$"):
+        load_checkpoint(path, _zeros_like(_tensors(0)))
+    (path / ".metadata").write_bytes(pickle.dumps({"a": 1}))
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="holds a dict, not DCP metadata"):
         SafeFileSystemReader(str(path)).read_metadata()
 
 

@@ -1,5 +1,11 @@
 """The data-parallel loader: the same global order for any DP size and worker count; state is a counter."""
 import itertools
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -98,3 +104,166 @@ def test_bad_loader_settings_name_the_field(samples):
         loader.load_state_dict({"consumed_samples": -8})
     with pytest.raises(ValueError, match=r"consumed_samples=None"):
         loader.load_state_dict({"step": 3})
+
+
+# ---- the epoch tables: memory-mapped files built once, shared by every process -------------------------
+
+IDX_SEQ, IDX_SEED = 4, 5
+
+
+def write_source(root, lengths_per_shard, start=3):
+    """Shards whose documents have the given lengths (tokens count up from `start`); returns the prefixes."""
+    prefixes, nxt = [], start
+    for s, lengths in enumerate(lengths_per_shard):
+        prefixes.append(root / f"shard{s}")
+        with IndexedDatasetWriter(prefixes[-1], 1000) as w:
+            for n in lengths:
+                w.add_document(np.arange(nxt, nxt + n) % 1000)
+                nxt += n
+    return prefixes
+
+
+def expected_tables(seed, name, epoch, lengths, seq_len):
+    """The documented rule, written out: one permutation per generator [seed, crc32(name), epoch, purpose]."""
+    crc = zlib.crc32(name.encode("utf-8"))
+    doc_order = np.random.default_rng([seed, crc, epoch, 0]).permutation(len(lengths))
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths)[doc_order])])
+    windows = (sum(lengths) - 1) // seq_len
+    window_order = np.random.default_rng([seed, crc, epoch, 1]).permutation(windows)
+    return doc_order, offsets, window_order
+
+
+LENGTHS = [[5, 1, 9, 3], [12, 4, 7, 2, 6, 8, 11]]
+FLAT = [n for shard in LENGTHS for n in shard]
+
+
+def assert_tables(src, epoch, lengths=FLAT):
+    got = src.epoch_tables(epoch)
+    for g, e, dtype in zip(got, expected_tables(IDX_SEED, src.name, epoch, lengths, IDX_SEQ),
+                           (np.int32, np.int64, np.int32)):
+        assert g.dtype == dtype and not g.flags.writeable
+        assert np.array_equal(g, e)
+
+
+def epoch_folders(index_dir):
+    return sorted(p.name for p in index_dir.glob("*/*"))
+
+
+def test_epoch_tables_are_memory_mapped_files_equal_to_the_documented_rule(tmp_path):
+    index_dir = tmp_path / "index"
+    src = PackedSource("web", write_source(tmp_path, LENGTHS), IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    for epoch in (0, 1, 7):
+        assert_tables(src, epoch)
+    assert epoch_folders(index_dir) == ["epoch_000000", "epoch_000000.lock", "epoch_000001", "epoch_000001.lock",
+                                        "epoch_000007", "epoch_000007.lock"]
+    folder = next(index_dir.glob("web-*/epoch_000001"))
+    assert sorted(p.name for p in folder.iterdir()) == ["doc_offsets.npy", "doc_order.npy", "window_order.npy"]
+    assert np.array_equal(np.load(folder / "doc_order.npy", allow_pickle=False), src.epoch_tables(1)[0])
+
+
+def test_a_second_source_and_a_pickled_one_reuse_the_files(tmp_path):
+    index_dir = tmp_path / "index"
+    prefixes = write_source(tmp_path, LENGTHS)
+    src = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    assert src.build_epochs(range(2)) == 2 and src.build_epochs(range(3)) == 1
+    files = {p: p.stat().st_mtime_ns for p in index_dir.rglob("*.npy")}
+    assert len(files) == 9
+    again = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    assert again.build_epochs(range(3)) == 0
+    w = again.windows_per_epoch
+    assert all(np.array_equal(again[j], src[j]) for j in range(3 * w))
+    blob = pickle.dumps(src)  # what a loader worker receives: paths, no tables
+    assert len(blob) < 4096
+    clone = pickle.loads(blob)
+    assert not clone._tables and np.array_equal(clone[w + 1], src[w + 1])
+    assert {p: p.stat().st_mtime_ns for p in index_dir.rglob("*.npy")} == files
+
+
+def _build_then_hang(prefixes, index_dir, started):
+    """Builds epoch 0 but never publishes it: stuck in the first fsync until killed."""
+    def hang(fd):
+        started.set()
+        time.sleep(600)
+    os.fsync = hang
+    PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir).epoch_tables(0)
+
+
+def test_a_killed_build_is_never_read_and_is_rebuilt(tmp_path):
+    index_dir = tmp_path / "index"
+    prefixes = write_source(tmp_path, LENGTHS)
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    builder = ctx.Process(target=_build_then_hang, args=(prefixes, index_dir, started))
+    builder.start()
+    assert started.wait(60)
+    os.kill(builder.pid, signal.SIGKILL)
+    builder.join()
+    leftovers = list(index_dir.glob("web-*/epoch_000000.tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "doc_order.npy").is_file()
+    np.save(leftovers[0] / "doc_order.npy", np.zeros(len(FLAT), np.int32))  # a wrong table is not read either
+    src = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    assert src.build_epochs([0]) == 1
+    assert_tables(src, 0)
+    assert epoch_folders(index_dir) == ["epoch_000000", "epoch_000000.lock"]
+
+
+def test_a_changed_shard_gets_new_tables(tmp_path):
+    index_dir = tmp_path / "index"
+    prefixes = write_source(tmp_path, LENGTHS)
+    old = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    assert_tables(old, 0)
+    changed = [[5, 1, 9, 3], [12, 4, 7, 2, 6, 8, 10, 1]]  # same token count, other documents
+    write_source(tmp_path, changed)
+    new = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    assert new.index_key != old.index_key and new.num_tokens == old.num_tokens
+    assert_tables(new, 0, [n for shard in changed for n in shard])
+    st = os.stat(f"{prefixes[0]}.idx")  # the same bytes, touched: a new key too
+    os.utime(f"{prefixes[0]}.idx", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir).index_key != new.index_key
+    keys = {PackedSource(name, prefixes, seq, seed=seed, index_dir=index_dir).index_key
+            for name, seq, seed in (("web", 4, 5), ("web2", 4, 5), ("web", 5, 5), ("web", 4, 6))}
+    assert len(keys) == 4
+
+
+def _race(prefixes, index_dir, barrier, results):
+    real_fsync = os.fsync
+    os.fsync = lambda fd: (time.sleep(0.2), real_fsync(fd))  # hold the lock long enough to be contended
+    src = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    computed, write = [], src._write_epoch
+    src._write_epoch = lambda epoch, folder: (computed.append(epoch), write(epoch, folder))
+    barrier.wait()
+    built = src.build_epochs([0])
+    results.put((built, len(computed), [t.tobytes() for t in src.epoch_tables(0)]))
+
+
+def test_processes_racing_for_one_epoch_build_it_once(tmp_path):
+    index_dir = tmp_path / "index"
+    prefixes = write_source(tmp_path, LENGTHS)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(prefixes, index_dir, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(built for built, _, _ in got) == [0, 0, 1]
+    assert sum(computed for _, computed, _ in got) == 1  # the others waited for the lock, then read
+    expected = [t.astype(d).tobytes() for t, d in zip(expected_tables(IDX_SEED, "web", 0, FLAT, IDX_SEQ),
+                                                        (np.int32, np.int64, np.int32))]
+    assert all(tables == expected for _, _, tables in got)
+    assert epoch_folders(index_dir) == ["epoch_000000", "epoch_000000.lock"]
+
+
+def test_loader_workers_share_tables_built_on_demand(tmp_path):
+    index_dir = tmp_path / "index"
+    src = PackedSource("web", write_source(tmp_path, LENGTHS), IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)
+    samples = BlendedSamples([src], [1.0], block_size=4)
+    w = src.windows_per_epoch
+    steps = -(-3 * w // 4)  # three epochs, read by two workers
+    got = torch.cat([torch.cat(s) for s in take(MicroBatchLoader(samples, 4, 1, num_workers=2), steps)])
+    assert torch.equal(got, torch.from_numpy(np.stack([src[j] for j in range(4 * steps)])))
+    folders = epoch_folders(index_dir)  # the workers read ahead: maybe an epoch more
+    assert {"epoch_000000", "epoch_000001", "epoch_000002"} <= set(folders)
+    assert not [f for f in folders if ".tmp" in f]

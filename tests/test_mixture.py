@@ -239,3 +239,22 @@ def test_data_config_errors_name_the_field(tmp_path):
 def test_demo_config_is_valid():
     cfg = DataConfig.from_dict(OmegaConf.load(REPO / "configs" / "data" / "demo.yaml"))
     assert cfg.manifest.endswith("mixture.json") and cfg.weights is None and cfg.epochs is None
+
+
+def test_build_index_builds_the_epochs_that_a_run_reads(tmp_path):
+    manifest = make_mixture(tmp_path, {"wiki": (20, 3.0, None), "code": (6, 1.0, None)})
+    index_dir = tmp_path / "index"
+    cfg = DataConfig.from_dict({"manifest": str(manifest), "index_dir": str(index_dir)})
+    assert cfg.index_dir == str(index_dir)
+    samples = build_train_samples(cfg, seq_len=8)
+    assert not index_dir.exists()  # opening the sources builds nothing
+    n = 150
+    by_name = {s.name: s for s in samples.sources}
+    read = set()
+    for g in range(n):
+        name, j = samples.locate(g)
+        read.add(f"{by_name[name].index_key}/epoch_{j // by_name[name].windows_per_epoch:06d}")
+    assert len(read) > len(samples.sources)  # some source reads more than one epoch
+    assert samples.build_index(n) == len(read)
+    assert {f"{p.parent.name}/{p.name}" for p in index_dir.glob("*/epoch_??????")} == read
+    assert samples.build_index(n) == 0

@@ -1,10 +1,11 @@
-"""The step registry: the names recipes use, mapped to step classes.
+"""The pipeline steps, one module each, and their registry: the names recipes use, mapped to classes.
 
 Entries are ``"module:Class"`` strings, imported only when a recipe uses the step, so that the CLI
 starts without loading fastText, KenLM or SentencePiece. A recipe may also name its own step class
 as ``step: "package.module:Class"`` (importable where the workers run).
 
-A step class subclasses ``data_pipeline.step.Step`` (or ``Filter``) and is built as
+A step class subclasses ``data_pipeline.step.Step`` (or one of its bases there: ``Filter`` decides
+document by document, ``BatchFilter`` a batch at a time) and is built as
 ``Class(**kwargs)`` from its recipe entry. When it needs to know where it runs, it may define
 ``setup(ctx)`` and receives a ``data_pipeline.pipeline.ShardContext`` (source name, shard index,
 number of shards, the source's work directory, the run's seed, its own work folder ``step_dir``)
@@ -20,9 +21,8 @@ import importlib
 from ..step import Step
 
 STEPS: dict[str, str] = {
-    "normalize": "data_pipeline.normalize:Normalize",
-    "paragraph_dedup": "data_pipeline.paragraph_dedup:ParagraphDedup",
-    # model-based and source-specific steps (data_pipeline/steps/*.py)
+    "normalize": "data_pipeline.steps.normalize:Normalize",
+    "paragraph_dedup": "data_pipeline.steps.paragraph_dedup:ParagraphDedup",
     "lid": "data_pipeline.steps.lid:LanguageID",
     "perplexity": "data_pipeline.steps.perplexity:Perplexity",
     "wiki_classifier": "data_pipeline.steps.wiki_classifier:WikiReferenceFilter",
@@ -35,15 +35,6 @@ STEPS: dict[str, str] = {
     "gopher_quality": "data_pipeline.steps.quality:GopherQualityFilter",
     "gopher_repetition": "data_pipeline.steps.quality:GopherRepetitionFilter",
     "exact_dedup": "data_pipeline.steps.exact_dedup:ExactDedup",
-}
-
-#: ``llama-data <name>`` commands that train the steps' models: module paths; each module defines
-#: ``add_arguments(parser)`` (argparse) and ``run(args) -> int``, and its docstring's first line is
-#: the command's help.
-COMMANDS: dict[str, str] = {
-    "train-lm": "data_pipeline.steps.commands.train_lm",
-    "lm-cutoffs": "data_pipeline.steps.commands.lm_cutoffs",
-    "train-wiki-classifier": "data_pipeline.steps.commands.train_wiki_classifier",
 }
 
 

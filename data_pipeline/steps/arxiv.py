@@ -113,12 +113,14 @@ class ArxivCleaner(Filter):
     """Rewrites each LaTeX document with ``clean_latex``; drops ``no_section`` and ``empty`` ones."""
 
     name = "arxiv"
+    unrewritable = "no_section"
 
-    def reject_reason(self, doc: Document) -> str | None:
+    def rewrite(self, doc: Document) -> Document | None:
         cleaned = clean_latex(doc.text)
         if cleaned is None:
-            return "no_section"
-        if not cleaned:
-            return "empty"
+            return None
         doc.text = cleaned
-        return None
+        return doc
+
+    def reject_rewritten(self, doc: Document) -> str | None:
+        return None if doc.text else "empty"

@@ -119,8 +119,14 @@ class GithubFilter(Filter):
                 return "license_missing"
             if not allowed:
                 return "license_not_allowed"
+        return None
+
+    def rewrite(self, doc: Document) -> Document:
         if self.strip_headers:
             doc.text = strip_license_header(doc.text)
+        return doc
+
+    def reject_rewritten(self, doc: Document) -> str | None:
         if not doc.text.strip():
             return "empty"
         stats = file_stats(doc.text)

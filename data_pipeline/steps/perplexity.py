@@ -6,53 +6,23 @@ perplexity is ``10 ** (-sum(log10 p) / n)`` where the sum runs over all lines an
 token plus one ``</s>`` per line. Documents are then split into ``head`` / ``middle`` / ``tail`` by
 per-language cutoffs: the 30th and 60th percentiles of the perplexity distribution of that language.
 
-Files for language ``xx`` in a model folder (``train_reference_lm`` writes the first two,
-``compute_perplexity_cutoffs`` the third): ``xx.sp.model``, ``xx.arpa.bin``, ``xx.cutoffs.json``.
-Lines are normalised as CCNet does before tokenization (``normalize_for_lm``), for training and scoring.
+Files for language ``xx`` in a model folder (``llama-data train-lm`` writes the first two,
+``llama-data lm-cutoffs`` the third; ``tools/``): ``xx.sp.model``, ``xx.arpa.bin``, ``xx.cutoffs.json``.
+Lines are normalised as CCNet does before tokenization (``ccnet_normalization.normalize_for_lm``), for
+training and scoring.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
-import unicodedata
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
-
+from ..ccnet_normalization import normalize_for_lm
 from ..document import Document
-from ..step import Step
-from .text_inputs import iter_documents_text
+from ..step import BatchFilter
 
-DEFAULT_PERCENTILES = (30, 60)
-BUCKETS = ("head", "middle", "tail")
 NO_BUCKET = "all"  # CCNet's bucket for documents of a language without a model or cutoffs
-
-_UNICODE_PUNCT = {
-    "，": ",", "。": ".", "、": ",", "„": '"', "”": '"', "“": '"', "«": '"', "»": '"', "１": '"',
-    "」": '"', "「": '"', "《": '"', "》": '"', "´": "'", "∶": ":", "：": ":", "？": "?", "！": "!",
-    "（": "(", "）": ")", "；": ";", "–": "-", "—": " - ", "．": ". ", "～": "~", "’": "'", "…": "...",
-    "━": "-", "〈": "<", "〉": ">", "【": "[", "】": "]", "％": "%", "►": "-",
-}
-_PUNCT_TABLE = str.maketrans(_UNICODE_PUNCT)
-_NON_PRINTING = re.compile("[" + "".join(map(chr, [*range(0, 32), *range(127, 160)])) + "]")
-_DIGIT = re.compile(r"\d")
-
-
-def normalize_for_lm(line: str) -> str:
-    """CCNet's LM normalisation of one line: strip, lowercase, remove accents, digits -> 0, unicode
-    punctuation -> ASCII equivalents, control characters removed."""
-    line = line.strip()
-    if not line:
-        return line
-    line = line.lower()
-    if not line.isascii():  # ASCII text has no accents to remove (NFD leaves it unchanged)
-        line = unicodedata.normalize("NFD", line)
-        line = "".join(c for c in line if unicodedata.category(c) != "Mn")
-    line = _DIGIT.sub("0", line)
-    return _NON_PRINTING.sub("", line.translate(_PUNCT_TABLE))
 
 
 def model_files(model_dir: str | Path, lang: str) -> tuple[Path, Path]:
@@ -82,7 +52,7 @@ class LanguageModel:
         for path in (sp_path, lm_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{lang}: language model file not found: {path} "
-                                        "(train it with train_reference_lm / `llama-data train-lm`)")
+                                        "(train it with `llama-data train-lm`)")
         self.lang = lang
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
         self.lm = kenlm.Model(str(lm_path))
@@ -120,13 +90,6 @@ def bucket_of(perplexity: float, cutoffs: Sequence[float]) -> str:
     return "middle" if perplexity < tail else "tail"
 
 
-def percentile_cutoffs(perplexities: Sequence[float], percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[float]:
-    """The given percentiles (linear interpolation) of a perplexity sample."""
-    if len(perplexities) == 0:
-        raise ValueError("cannot compute perplexity cutoffs from an empty sample")
-    return [float(v) for v in np.percentile(np.asarray(perplexities, dtype=np.float64), list(percentiles))]
-
-
 def read_cutoffs(path: str | Path) -> list[float]:
     """The two cutoffs stored in a ``<lang>.cutoffs.json`` file (clear errors naming the file)."""
     path = Path(path)
@@ -143,35 +106,7 @@ def read_cutoffs(path: str | Path) -> list[float]:
     return [float(c) for c in cutoffs]
 
 
-def compute_perplexity_cutoffs(lang: str, model_dir: str | Path, inputs: Iterable[str | Path], *,
-                               out_path: str | Path | None = None, max_docs: int = 100_000,
-                               percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Path:
-    """Score a sample of ``lang`` documents and store the head/tail cutoffs as JSON (CCNet Sec. 3.3).
-
-    ``inputs``: JSONL document files (e.g. the output of the LID stage; documents whose
-    ``metadata.language`` is another language are skipped) or text files (one document per line).
-    At most ``max_docs`` documents are scored. Writes ``<model_dir>/<lang>.cutoffs.json`` (or
-    ``out_path``) atomically: ``{"language", "percentiles", "cutoffs", "documents"}``; returns its path.
-    """
-    model = LanguageModel(model_dir, lang)
-    scores: list[float] = []
-    for text in iter_documents_text(inputs, language=lang):
-        if len(scores) >= max_docs:
-            break
-        pp = model.perplexity(text)
-        if pp is not None:
-            scores.append(pp)
-    cutoffs = percentile_cutoffs(scores, percentiles)
-    out = Path(out_path) if out_path else cutoffs_file(model_dir, lang)
-    record = {"language": lang, "percentiles": list(percentiles), "cutoffs": cutoffs, "documents": len(scores)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
-
-
-class Perplexity(Step):
+class Perplexity(BatchFilter):
     """Adds ``metadata["perplexity"]`` (rounded to 0.1 as CCNet) and ``metadata["bucket"]``.
 
     - ``model_dir``: folder with ``<lang>.sp.model``, ``<lang>.arpa.bin`` and ``<lang>.cutoffs.json``.
@@ -224,15 +159,6 @@ class Perplexity(Step):
             self._cutoffs[lang] = read_cutoffs(path) if (self.require_cutoffs or path.is_file()) else None
         return self._cutoffs[lang]
 
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        batch: list[Document] = []
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) == self.batch_size:
-                yield from self._run_batch(batch)
-                batch = []
-        yield from self._run_batch(batch)
-
     def _perplexities(self, docs: list[Document]) -> dict[int, float | None]:
         """Perplexity of each document (by index in ``docs``) whose language has a model."""
         by_lang: dict[str, list[int]] = {}
@@ -244,30 +170,32 @@ class Perplexity(Step):
             scores.update(zip(indices, self._model(lang).perplexities([docs[i].text for i in indices])))
         return scores
 
-    def _run_batch(self, docs: list[Document]) -> Iterator[Document]:
-        scores = self._perplexities(docs)
-        for i, doc in enumerate(docs):
-            self.count("seen")
-            lang = doc.metadata.get("language")
-            if i not in scores:
-                self.count(f"no_model/{lang}")
+    def reject_reasons(self, batch: list[Document]) -> list[str | None]:
+        scores = self._perplexities(batch)
+        reasons: list[str | None] = []
+        for i, doc in enumerate(batch):
+            if i in scores:
+                reasons.append(self._bucket(doc, scores[i]))
+            else:  # no model for its language: kept, in bucket ``all``
+                self.count(f"no_model/{doc.metadata.get('language')}")
                 doc.metadata["bucket"] = NO_BUCKET
-                yield doc
-                continue
-            pp = scores[i]
-            if pp is None:
-                self.drop("no_scorable_line")
-                continue
-            if self.max_perplexity is not None and pp > self.max_perplexity:
-                self.drop("perplexity_too_high")
-                continue
-            cutoffs = self._cutoffs_for(lang)
-            if cutoffs is None:
-                self.count(f"no_cutoffs/{lang}")
-                bucket = NO_BUCKET
-            else:
-                bucket = bucket_of(pp, cutoffs)
-            doc.metadata["perplexity"] = round(pp, 1)
-            doc.metadata["bucket"] = bucket
-            self.count(f"bucket/{lang}_{bucket}")
-            yield doc
+                reasons.append(None)
+        return reasons
+
+    def _bucket(self, doc: Document, pp: float | None) -> str | None:
+        """Drop reason of a scored document, or None after setting its perplexity and bucket."""
+        if pp is None:
+            return "no_scorable_line"
+        if self.max_perplexity is not None and pp > self.max_perplexity:
+            return "perplexity_too_high"
+        lang = doc.metadata["language"]
+        cutoffs = self._cutoffs_for(lang)
+        if cutoffs is None:
+            self.count(f"no_cutoffs/{lang}")
+            bucket = NO_BUCKET
+        else:
+            bucket = bucket_of(pp, cutoffs)
+        doc.metadata["perplexity"] = round(pp, 1)
+        doc.metadata["bucket"] = bucket
+        self.count(f"bucket/{lang}_{bucket}")
+        return None

@@ -27,7 +27,8 @@ class C4QualityFilter(Filter):
     Page rules (the document is dropped): "lorem ipsum" appears (``lorem_ipsum``); a curly bracket
     appears (``curly_bracket``); a word of ``bad_words`` (a list, or ``bad_words_file`` with one entry
     per line; off by default) appears (``bad_word``); fewer than ``min_sentences`` (3) sentences remain
-    (``too_few_sentences``; sentences end in . ! or ?).
+    (``too_few_sentences``; sentences end in . ! or ?). Page rules see the page as it arrives; the
+    sentence count, the page left by the line rules.
     """
 
     name = "c4_quality"
@@ -69,6 +70,7 @@ class C4QualityFilter(Filter):
         return not (self.remove_policy_lines and any(p in lower for p in C4_POLICY_SUBSTRINGS))
 
     def reject_reason(self, doc: Document) -> str | None:
+        """The page rules, on the page as it arrives."""
         lower = doc.text.lower()
         if self.drop_lorem_ipsum and "lorem ipsum" in lower:
             return "lorem_ipsum"
@@ -76,14 +78,18 @@ class C4QualityFilter(Filter):
             return "curly_bracket"
         if self.bad_words is not None and self.bad_words.search(lower):
             return "bad_word"
-        lines = [line.strip() for line in doc.text.split("\n")]
-        text = "\n".join(line for line in lines if line and self.keep_line(line))
-        if self.min_sentences is not None and len(_SENTENCE_END.findall(text)) < self.min_sentences:
-            return "too_few_sentences"
-        if not text:
-            return "empty"
-        doc.text = text
         return None
+
+    def rewrite(self, doc: Document) -> Document:
+        """The line rules: the lines kept, stripped."""
+        lines = [line.strip() for line in doc.text.split("\n")]
+        doc.text = "\n".join(line for line in lines if line and self.keep_line(line))
+        return doc
+
+    def reject_rewritten(self, doc: Document) -> str | None:
+        if self.min_sentences is not None and len(_SENTENCE_END.findall(doc.text)) < self.min_sentences:
+            return "too_few_sentences"
+        return None if doc.text else "empty"
 
 
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")

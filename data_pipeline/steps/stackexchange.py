@@ -101,12 +101,17 @@ class StackExchangeFormatter(Filter):
         self.min_answers = int(min_answers)
 
     def reject_reason(self, doc: Document) -> str | None:
-        answers = doc.metadata.pop("answers", [])
+        answers = doc.metadata.get("answers", [])
         if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
             return "bad_answers"
         if len(answers) < self.min_answers:
             return "too_few_answers"
-        question = doc.metadata.pop("question", None)
-        doc.text = format_question(str(doc.metadata.get("title") or ""), question if isinstance(question, str) else doc.text, answers)
-        doc.metadata["num_answers"] = len(answers)
         return None
+
+    def rewrite(self, doc: Document) -> Document:
+        answers = doc.metadata.pop("answers", [])
+        question = doc.metadata.pop("question", None)
+        doc.text = format_question(str(doc.metadata.get("title") or ""),
+                                   question if isinstance(question, str) else doc.text, answers)
+        doc.metadata["num_answers"] = len(answers)
+        return doc

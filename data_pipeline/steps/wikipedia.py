@@ -71,6 +71,9 @@ class WikipediaCleaner(Filter):
 
     name = "wikipedia"
 
-    def reject_reason(self, doc: Document) -> str | None:
+    def rewrite(self, doc: Document) -> Document:
         doc.text = strip_wikitext(doc.text)
+        return doc
+
+    def reject_rewritten(self, doc: Document) -> str | None:
         return None if doc.text else "empty"

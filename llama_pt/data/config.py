@@ -2,7 +2,9 @@
 
 Keys: manifest (path to mixture.json), valid_manifest (optional held-out manifest), weights
 (optional mapping source -> weight, overrides the manifest), epochs (optional mapping source ->
-epochs, see mixture.resolve_weights), seed (shuffling seed, >= 0), num_workers (loader processes).
+epochs, see mixture.resolve_weights), seed (shuffling seed, >= 0), num_workers (loader processes),
+index_dir (folder for the sources' shuffling tables, see packing.py; the trainer's default is
+<train.out_dir>/data_index).
 Every error is one line naming the field or file.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DataConfig:
     epochs: Optional[dict[str, float]] = None
     seed: int = 1234
     num_workers: int = 0
+    index_dir: Optional[str] = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], prefix: str = "data") -> "DataConfig":
@@ -35,8 +38,9 @@ class DataConfig:
         if not values.get("manifest"):
             raise ConfigError(f"{prefix}.manifest must name the mixture manifest (mixture.json)")
         kw: dict[str, Any] = {"manifest": str(values["manifest"])}
-        if values.get("valid_manifest"):
-            kw["valid_manifest"] = str(values["valid_manifest"])
+        for key in ("valid_manifest", "index_dir"):
+            if values.get(key):
+                kw[key] = str(values[key])
         for key in ("weights", "epochs"):
             v = values.get(key)
             if v is None:
@@ -63,14 +67,15 @@ def build_train_samples(cfg: DataConfig, seq_len: int, prefix: str = "data") -> 
 
     Checks, in order: the manifest file, its fields and shard files, the weights/epochs overrides,
     that each source's shards hold the token and document counts the manifest states, and that
-    each source has at least one window of seq_len + 1 tokens.
+    each source has at least one window of seq_len + 1 tokens. The sources keep their epoch tables
+    in cfg.index_dir (packing.default_index_dir() when unset); none is built here.
     """
     manifest = _manifest(cfg.manifest, f"{prefix}.manifest")
     srcs = manifest["sources"]
     weights = resolve_weights(srcs, cfg.weights, cfg.epochs, prefix)
     packed = []
     for i, s in enumerate(srcs):
-        p = PackedSource(s["name"], s["prefixes"], seq_len, cfg.seed)
+        p = PackedSource(s["name"], s["prefixes"], seq_len, cfg.seed, index_dir=cfg.index_dir)
         for key, got in (("tokens", p.num_tokens), ("documents", p.num_docs)):
             if got != s[key]:
                 raise ValueError(f"{manifest['path']}: sources[{i}].{key}={s[key]} ({s['name']}) but its "

@@ -22,6 +22,7 @@ trailing EOS. Nothing downstream adds separators; packing only concatenates docu
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from array import array
@@ -144,12 +145,21 @@ class IndexedDataset:
     """Memory-mapped reader: `len(ds)` documents, `ds[i]` the tokens of document i.
 
     `.sizes` (int32) and `.pointers` (int64) are the per-sequence arrays of the index, `.doc_idx` the
-    document indices, `.dtype` the token dtype; `.doc_lengths`/`.doc_starts` (int64, in tokens) give
-    each document's extent in `.tokens`, the whole `.bin` as one flat array.
+    document indices, `.dtype` the token dtype, `.tokens` the whole `.bin` as one flat array; all are
+    memory maps, so an open dataset holds O(1) memory whatever its size. `doc_start(i)` and
+    `doc_length(i)` give one document's extent in `.tokens`; the `.doc_starts`/`.doc_lengths`
+    properties compute the arrays of all of them (int64, O(documents) memory) on each access.
+    Opening checks the index against itself and the `.bin` size, reading it in chunks of
+    `CHECK_CHUNK` sequences. `random_access=True` tells the kernel that `.tokens` is read at scattered
+    places, as shuffled training reads it (madvise MADV_RANDOM): a page fault then reads that page
+    only, not the read-ahead window (which can be megabytes) after it.
     """
 
-    def __init__(self, prefix: PathLike):
+    CHECK_CHUNK = 1 << 20
+
+    def __init__(self, prefix: PathLike, random_access: bool = False):
         self.prefix = Path(prefix)
+        self.random_access = random_access
         self._open()
 
     def _open(self) -> None:
@@ -179,40 +189,80 @@ class IndexedDataset:
         self.sizes = raw[off:off + 4 * n].view("<i4")
         self.pointers = raw[off + 4 * n:off + 12 * n].view("<i8")
         self.doc_idx = raw[off + 12 * n:off + 12 * n + 8 * d].view("<i8")
-        seq_starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sizes, out=seq_starts[1:])
-        if n and (self.sizes.min() < 0 or not np.array_equal(self.pointers, seq_starts[:-1] * self.dtype.itemsize)):
-            raise ValueError(f"{ipath}: corrupt index (sizes and pointers disagree)")
-        if d < 1 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n or np.any(np.diff(self.doc_idx) < 0):
+        total = self._check_sequences(ipath)
+        if d < 1 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n or not self._doc_idx_rises():
             raise ValueError(f"{ipath}: corrupt index (document indices must rise from 0 to {n})")
-        total = int(seq_starts[-1])
         bin_bytes = bpath.stat().st_size
         if bin_bytes != total * self.dtype.itemsize:
             raise ValueError(f"{bpath}: data file has {bin_bytes} bytes, index {ipath.name} describes "
                              f"{total} tokens = {total * self.dtype.itemsize} bytes")
-        self.doc_starts = seq_starts[self.doc_idx[:-1]]
-        self.doc_lengths = seq_starts[self.doc_idx[1:]] - self.doc_starts
-        self.tokens = (np.memmap(bpath, dtype=self.dtype, mode="r") if total
-                       else np.empty(0, dtype=self.dtype))
+        self.tokens = self._map_tokens(bpath) if total else np.empty(0, dtype=self.dtype)
+
+    def _map_tokens(self, bpath: Path) -> np.ndarray:
+        with open(bpath, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if self.random_access:
+            mapped.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(mapped, dtype=self.dtype)
+
+    def _check_sequences(self, ipath: Path) -> int:
+        """Check that the pointers are the running sum of the sizes; return the total token count."""
+        total = 0
+        for a in range(0, len(self.sizes), self.CHECK_CHUNK):
+            sizes = self.sizes[a:a + self.CHECK_CHUNK].astype(np.int64)
+            starts = np.cumsum(sizes) - sizes + total
+            if sizes.min() < 0 or not np.array_equal(self.pointers[a:a + len(sizes)], starts * self.dtype.itemsize):
+                raise ValueError(f"{ipath}: corrupt index (sizes and pointers disagree)")
+            total = int(starts[-1] + sizes[-1])
+        return total
+
+    def _doc_idx_rises(self) -> bool:
+        step = self.CHECK_CHUNK
+        return all(not np.any(np.diff(self.doc_idx[a:a + step + 1]) < 0) for a in range(0, len(self.doc_idx), step))
+
+    def _seq_offsets(self, seqs: np.ndarray) -> np.ndarray:
+        """Token offset in `.tokens` of each sequence number in `seqs` (the sequence count: the end)."""
+        out = np.full(len(seqs), self.num_tokens, dtype=np.int64)
+        inside = seqs < len(self.sizes)
+        out[inside] = self.pointers[seqs[inside]] // self.dtype.itemsize
+        return out
+
+    def _seq_offset(self, k: int) -> int:
+        return int(self.pointers[k]) // self.dtype.itemsize if k < len(self.sizes) else self.num_tokens
+
+    def doc_start(self, i: int) -> int:
+        """Offset of document i's first token in `.tokens`."""
+        return self._seq_offset(int(self.doc_idx[i]))
+
+    def doc_length(self, i: int) -> int:
+        """Number of tokens of document i."""
+        return self._seq_offset(int(self.doc_idx[i + 1])) - self.doc_start(i)
+
+    @property
+    def doc_starts(self) -> np.ndarray:
+        return self._seq_offsets(self.doc_idx[:-1])
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return self._seq_offsets(self.doc_idx[1:]) - self.doc_starts
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.size)
 
     def __len__(self) -> int:
-        return len(self.doc_lengths)
+        return len(self.doc_idx) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} out of range for {self.prefix} ({len(self)} documents)")
         i = int(i) % len(self)
-        start = int(self.doc_starts[i])
-        return self.tokens[start:start + int(self.doc_lengths[i])]
+        start = self.doc_start(i)
+        return self.tokens[start:start + self.doc_length(i)]
 
     def __getstate__(self) -> dict:
-        return {"prefix": self.prefix}  # memmaps are reopened, not pickled (loader workers)
+        return {"prefix": self.prefix, "random_access": self.random_access}  # maps are reopened (loader workers)
 
     def __setstate__(self, state: dict) -> None:
-        self.prefix = state["prefix"]
+        self.prefix, self.random_access = state["prefix"], state["random_access"]
         self._open()
-

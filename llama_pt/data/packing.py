@@ -8,6 +8,17 @@ consecutive windows share one token and every token but the first is a target on
 permuted within the epoch by a second generator from (seed, source name, e). Sample j of the source
 is window perm_e[j mod W] of epoch e = j // W, W = (T - 1) // seq_len.
 
+The generators are np.random.default_rng([seed, crc32(name), e, purpose]) with purpose 0 for the
+document order and 1 for the window order; each draws one `.permutation`. An epoch's tables
+(document order, the token offset of each document in that order [n_docs + 1], window order) live in
+memory-mapped files (table_store.py) under `index_dir/<name>-<key>/epoch_NNNNNN/`. The key hashes
+everything the tables depend on: seed, source name, seq_len, and the path, size, mtime and inode of
+each shard's .idx and .bin, so a changed shard never meets an old table. An epoch is built by the
+first process that needs it (or ahead of time by `build_epochs`), once, and every rank and loader
+worker of the machine then shares the same pages: a source holds O(number of shards) memory of its
+own, and pickling it carries its paths. Building an epoch of n documents holds about 12 n bytes
+(plus 24 bytes per document of the largest shard) in the building process while it runs.
+
 Documents carry their own trailing EOS (see indexed.py), so concatenation puts exactly one EOS
 between documents.
 
@@ -16,15 +27,25 @@ leftover tail as one last, shorter window, so every token after the first is sco
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import tempfile
 import zlib
 from collections import OrderedDict
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .indexed import IndexedDataset, PathLike
+from .indexed import PathLike
+from .shards import Shards
+from .table_store import TableStore
 
 _DOC_ORDER, _WINDOW_ORDER = 0, 1
+TABLE_FORMAT = 1  # part of every key: a change to the tables' layout invalidates all caches
+OFFSETS_CHUNK = 1 << 22
 
 
 def _rng(seed: int, name: str, epoch: int, purpose: int) -> np.random.Generator:
@@ -35,59 +56,33 @@ def _index_dtype(n: int) -> type:
     return np.int32 if n < np.iinfo(np.int32).max else np.int64
 
 
-class _Shards:
-    """The documents of several shards as one numbered list."""
-
-    def __init__(self, prefixes: Sequence[PathLike]):
-        self.datasets = [IndexedDataset(p) for p in prefixes]
-        self.first_doc = np.cumsum([0] + [len(ds) for ds in self.datasets])
-        self.first_token = np.cumsum([0] + [ds.num_tokens for ds in self.datasets])
-        self.doc_lengths = (np.concatenate([ds.doc_lengths for ds in self.datasets])
-                            if self.datasets else np.zeros(0, np.int64))
-
-    @property
-    def num_docs(self) -> int:
-        return int(self.first_doc[-1])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.first_token[-1])
-
-    def doc_slice(self, d: int, a: int, b: int) -> np.ndarray:
-        """Tokens [a, b) of document d."""
-        s = int(np.searchsorted(self.first_doc, d, side="right")) - 1
-        ds = self.datasets[s]
-        start = int(ds.doc_starts[d - self.first_doc[s]])
-        return ds.tokens[start + a:start + b]
-
-    def token_slice(self, a: int, b: int) -> np.ndarray:
-        """Tokens [a, b) of the shards' concatenation, as int64."""
-        out = np.empty(b - a, dtype=np.int64)
-        s = int(np.searchsorted(self.first_token, a, side="right")) - 1
-        pos = 0
-        while pos < b - a:
-            ds, base = self.datasets[s], int(self.first_token[s])
-            lo = a + pos - base
-            hi = min(b - base, ds.num_tokens)
-            out[pos:pos + hi - lo] = ds.tokens[lo:hi]
-            pos += hi - lo
-            s += 1
-        return out
+def default_index_dir() -> Path:
+    """Where a `PackedSource` built without `index_dir` keeps its tables: a per-user folder in the
+    system's temporary directory (tempfile.gettempdir()), seen by the processes of one machine only."""
+    return Path(tempfile.gettempdir()) / f"llama_pt-data-index-{os.getuid()}"
 
 
 class PackedSource:
-    """One source's training windows; `src[j]` -> int64 array [seq_len + 1], j >= 0 (epochs repeat)."""
+    """One source's training windows; `src[j]` -> int64 array [seq_len + 1], j >= 0 (epochs repeat).
 
-    def __init__(self, name: str, prefixes: Sequence[PathLike], seq_len: int, seed: int, cache_epochs: int = 2):
+    `index_dir` is where the epoch tables are kept (default: `default_index_dir()`); processes that see
+    the same folder share them, and each epoch is built there once. `cache_epochs` epochs stay mapped
+    at a time."""
+
+    def __init__(self, name: str, prefixes: Sequence[PathLike], seq_len: int, seed: int,
+                 index_dir: Optional[PathLike] = None, cache_epochs: int = 2):
         if seq_len <= 0:
             raise ValueError(f"seq_len={seq_len} must be positive")
         self.name, self.prefixes, self.seq_len, self.seed = name, list(prefixes), int(seq_len), int(seed)
         self.cache_epochs = cache_epochs
-        self._shards = _Shards(self.prefixes)
+        self._shards = Shards(self.prefixes, random_access=True)  # documents are read in shuffled order
         self.windows_per_epoch = (self.num_tokens - 1) // self.seq_len if self.num_tokens else 0
         if self.windows_per_epoch == 0:
             raise ValueError(f"source {name!r} has {self.num_tokens} tokens, fewer than seq_len + 1 = "
                              f"{self.seq_len + 1} ({', '.join(map(str, self.prefixes))})")
+        self.index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
+        self.index_key = self._key()
+        self._store = TableStore(self.index_dir)
         self._tables: OrderedDict[int, tuple] = OrderedDict()
 
     @property
@@ -98,18 +93,50 @@ class PackedSource:
     def num_tokens(self) -> int:
         return self._shards.num_tokens
 
+    def _key(self) -> str:
+        """`<name>-<hash>`: the folder of this source's tables, keyed by everything they depend on."""
+        inputs = {"format": TABLE_FORMAT, "source": self.name, "seed": self.seed, "seq_len": self.seq_len,
+                  "shards": self._shards.identity()}
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+        return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)[:48]}-{digest}"
+
+    def _table_set(self, epoch: int) -> str:
+        return f"{self.index_key}/epoch_{epoch:06d}"
+
+    def _write_epoch(self, epoch: int, folder: Path) -> None:
+        """Compute epoch `epoch`'s three tables into `folder` (doc_order, doc_offsets, window_order .npy)."""
+        n = self.num_docs
+        doc_order = _rng(self.seed, self.name, epoch, _DOC_ORDER).permutation(n).astype(_index_dtype(n))
+        np.save(folder / "doc_order.npy", doc_order, allow_pickle=False)
+        lengths = self._shards.doc_lengths()
+        offsets = np.lib.format.open_memmap(folder / "doc_offsets.npy", mode="w+", dtype=np.int64, shape=(n + 1,))
+        offsets[0] = 0
+        for a in range(0, n, OFFSETS_CHUNK):
+            part = np.cumsum(lengths[doc_order[a:a + OFFSETS_CHUNK]], dtype=np.int64)
+            offsets[a + 1:a + 1 + len(part)] = part + offsets[a]
+        offsets.flush()
+        del offsets, lengths, doc_order
+        w = self.windows_per_epoch
+        window_order = _rng(self.seed, self.name, epoch, _WINDOW_ORDER).permutation(w).astype(_index_dtype(w))
+        np.save(folder / "window_order.npy", window_order, allow_pickle=False)
+
+    def build_epochs(self, epochs: Iterable[int]) -> int:
+        """Make sure the tables of these epochs exist on disk; returns how many this call built."""
+        return sum(self._store.build(self._table_set(e), lambda folder, e=e: self._write_epoch(e, folder))
+                   for e in epochs)
+
+    def epochs_for(self, num_samples: int) -> range:
+        """The epochs that this source's samples [0, num_samples) fall in."""
+        return range(-(-int(num_samples) // self.windows_per_epoch))
+
     def epoch_tables(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(document order, token offsets of that order [n_docs + 1], window order) of one epoch."""
+        """(document order, token offsets of that order [n_docs + 1], window order) of one epoch,
+        memory-mapped read-only; built first if no process has built them yet."""
         if epoch in self._tables:
             self._tables.move_to_end(epoch)
             return self._tables[epoch]
-        n = self.num_docs
-        doc_order = _rng(self.seed, self.name, epoch, _DOC_ORDER).permutation(n).astype(_index_dtype(n))
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self._shards.doc_lengths[doc_order], out=offsets[1:])
-        w = self.windows_per_epoch
-        window_order = _rng(self.seed, self.name, epoch, _WINDOW_ORDER).permutation(w).astype(_index_dtype(w))
-        self._tables[epoch] = (doc_order, offsets, window_order)
+        t = self._store.load(self._table_set(epoch), lambda folder: self._write_epoch(epoch, folder))
+        self._tables[epoch] = (t["doc_order"], t["doc_offsets"], t["window_order"])
         while len(self._tables) > self.cache_epochs:
             self._tables.popitem(last=False)
         return self._tables[epoch]
@@ -136,7 +163,7 @@ class PackedSource:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_tables"] = OrderedDict()  # rebuilt on demand in each loader worker
+        state["_tables"] = OrderedDict()  # each loader worker maps the files again
         return state
 
 
@@ -152,7 +179,7 @@ class SequentialWindows:
         if not prefixes:
             raise ValueError("no held-out shard prefixes given")
         self.seq_len = int(seq_len)
-        self._shards = _Shards(prefixes)
+        self._shards = Shards(prefixes)
         if self._shards.num_tokens < 2:
             raise ValueError(f"held-out shards hold {self._shards.num_tokens} tokens, need at least 2 "
                              f"({', '.join(map(str, prefixes))})")

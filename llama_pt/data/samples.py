@@ -14,6 +14,8 @@ import numpy as np
 from .blend import DEFAULT_BLOCK, Blend
 from .packing import PackedSource
 
+PREBUILT_EPOCHS = 8  # per source, by build_index
+
 
 class BlendedSamples:
     """`samples[g]` -> int64 array [seq_len + 1] for any global sample index g >= 0 (unbounded)."""
@@ -41,6 +43,16 @@ class BlendedSamples:
     def __getitem__(self, g: int) -> np.ndarray:
         s, j = self.blend(int(g))
         return self.sources[s][j]
+
+    def build_index(self, num_samples: int, max_epochs: int = PREBUILT_EPOCHS) -> int:
+        """Build, where missing, the epoch tables that global samples [0, num_samples) read, at most the
+        first `max_epochs` of each source; returns how many epochs this call built.
+
+        Later epochs are built when first read. The cap matters for a small source read hundreds of
+        times (each epoch's build is cheap, but thousands of them would delay the start); a large source
+        is read a few times (LLaMA's Table 1: at most 2.45 epochs), so its whole run is prebuilt."""
+        drawn = self.blend.samples_per_source(num_samples)
+        return sum(src.build_epochs(src.epochs_for(int(k))[:max_epochs]) for src, k in zip(self.sources, drawn))
 
     def epoch_report(self, train_tokens: int) -> list[dict[str, Any]]:
         """Per source, for a run of `train_tokens` tokens (rounded up to whole samples): the realised

@@ -6,20 +6,10 @@ attention (`n_kv_heads`) and `ffn_dim_multiplier`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def reject_unknown_fields(cls, values: Mapping[str, Any], prefix: str) -> None:
-    """ConfigError naming the first key of ``values`` that is not a field of the dataclass ``cls``."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]} is not a known field (known: {', '.join(sorted(known))})")
+from ..config.fields import ConfigError, reject_unknown_fields
 
 
 @dataclass(frozen=True)

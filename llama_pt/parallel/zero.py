@@ -21,9 +21,20 @@ backward. After the update, each parameter group's flat fp32 (or bf16) buffer is
 ``overlap_comm`` moves the bucket reductions to a side CUDA stream; on CPU there are no streams and
 DeepSpeed's collectives block, so there it only changes when they are issued.
 
-Checkpoints go through DeepSpeed's per-parameter API (deepspeed.utils.safe_get_full_fp32_param,
-safe_get_full_optimizer_state and their setters), which assembles a parameter's fp32 master value and
-Adam moments from the DP partitions: the checkpoint is independent of the DP layout.
+Checkpoints (`partition_fragments`) hold what each rank owns, with no communication: DeepSpeed links
+every parameter to its share of the rank's flat fp32 partition (deepspeed/utils/tensor_fragment.py:
+``param._hp_mapping``, a ``tensor_fragment`` set up by ``link_hp_params`` in
+runtime/zero/stage_1_and_2.py ``_link_all_hp_params``, BF16_Optimizer likewise). Its
+``lp_fragment_address`` (start, numel) is the range of the flattened (TP-local) parameter in this
+partition, ``get_hp_fragment()`` the fp32 master values of that range and ``get_hp_fragment(key)`` the
+Adam moment's (views of the flat partition and of AdamW's state for it). Those ranges, keyed by full
+parameter name, become chunks of the global tensors (checkpoint_layout.py, fragment_tensor.py), so
+the checkpoint loads at any TP/DP layout, with or without ZeRO. Loading reads into the same views in
+place, then `load_partition_fragments` sets AdamW's step and refreshes the model's weights from the
+fp32 partitions with DeepSpeed's ``update_lp_params`` (one all-gather per parameter group, as after a
+step). `state_tensors` / `load_state_tensors` give and take whole TP shards instead, assembled by
+DeepSpeed's per-parameter API (deepspeed.utils.safe_get_full_fp32_param, safe_get_full_optimizer_state
+and their setters: an all-reduce over DP per tensor), for inspection and tests.
 """
 from __future__ import annotations
 
@@ -35,6 +46,7 @@ import torch
 
 from .config import ParallelConfig
 from .data_parallel import ADAM_KEYS, init_adamw_state
+from .fragment_tensor import FlatFragment
 from .state import ParallelState
 
 
@@ -120,8 +132,37 @@ class ZeroDataParallel:
             raise RuntimeError(f"optimizer groups disagree on the step count: {sorted(steps)}")
         return torch.tensor(steps.pop())
 
+    def partition_fragments(self) -> dict[str, Any]:
+        """{"model": {name: FlatFragment}, "optim": {name: {"step": tensor, "exp_avg": FlatFragment,
+        "exp_avg_sq": FlatFragment}}}: the range of each flattened (TP-local) parameter that this rank's
+        ZeRO partition holds, as views of the fp32 master weights and moments (empty where it holds none)."""
+        step = float(self._step_count())
+        model, optim = {}, {}
+        for name, p in self.module.named_parameters():
+            mapping = p._hp_mapping  # set by DeepSpeed for every parameter of its groups; None: not in this partition
+            if mapping is None:
+                empty = FlatFragment(0, torch.empty(0, dtype=torch.float32, device=p.device))  # fp32 as the partitions
+                model[name], moments = empty, dict.fromkeys(ADAM_KEYS, empty)
+            else:
+                start = mapping.lp_fragment_address.start
+                model[name] = FlatFragment(start, mapping.get_hp_fragment())
+                moments = {k: FlatFragment(start, mapping.get_hp_fragment(k)) for k in ADAM_KEYS}
+            optim[name] = {"step": torch.tensor(step), **moments}
+        return {"model": model, "optim": optim}
+
+    def load_partition_fragments(self, tensors: dict[str, Any]) -> None:
+        """After a load into `partition_fragments()`'s views: AdamW's step from the checkpoint, and the
+        model's weights from the fp32 partitions (DeepSpeed's update_lp_params: an all-gather per group)."""
+        steps = {float(s["step"]) for s in tensors["optim"].values()}
+        if len(steps) != 1:
+            raise ValueError(f"checkpoint parameters disagree on the optimizer step count: {sorted(steps)}")
+        step = steps.pop()
+        for state in self.optimizer.optimizer.state.values():
+            state["step"].fill_(step)
+        self.optimizer.update_lp_params()
+
     def state_tensors(self) -> dict[str, Any]:
-        """Copies assembled from the DP partitions (a collective over DP per tensor: call on every rank)."""
+        """Whole TP shards assembled from the DP partitions (a collective over DP per tensor: call on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         model, optim = {}, {}
         for name, p in self.module.named_parameters():

@@ -1,8 +1,10 @@
 """The accelerators the planner knows: peak rates from data sheets, efficiencies from published measurements.
 
 Every number has its source next to it (docs/planner.md repeats them with links). Peaks are the
-vendors' dense (not sparse) bf16 tensor-core rates, the same table as llama_pt.train.metrics. The
-efficiencies turn peaks into rates a training step actually gets:
+vendors' dense (not sparse) bf16 tensor-core rates in `DENSE_BF16_PEAKS`, the one table the planner and
+the trainer's MFU both read; a device is found by its exact name as `torch.cuda.get_device_name` reports
+it, so an L40 is never taken for an L4, nor an H100 PCIe or NVL for the SXM part. The efficiencies turn
+peaks into rates a training step actually gets:
 
 - ``gemm_eff``: the Maximum Achievable Matmul FLOPS (MAMF) measured with bf16 `torch.matmul` over
   many shapes (S. Bekman, *Machine Learning Engineering*, compute/accelerator/README.md, "Maximum
@@ -31,6 +33,51 @@ MIB = 1024 ** 2
 
 
 @dataclass(frozen=True)
+class DevicePeak:
+    """A GPU model's dense bf16 tensor-core peak, the device names CUDA reports for it, and the data sheet."""
+    label: str
+    device_names: tuple[str, ...]
+    dense_bf16_flops: float
+    source: str
+
+
+# NVIDIA's data sheets give bf16 tensor-core rates "with sparsity" (2:4 structured); the dense rate is half.
+DENSE_BF16_PEAKS: tuple[DevicePeak, ...] = (
+    DevicePeak("H100 SXM", ("NVIDIA H100 80GB HBM3",), 989e12,
+               "NVIDIA H100 Tensor Core GPU data sheet: H100 SXM BF16 1,979 TFLOPS with sparsity"),
+    DevicePeak("H100 PCIe", ("NVIDIA H100 PCIe",), 756e12,
+               "NVIDIA H100 Tensor Core GPU data sheet (2022): H100 PCIe BF16 1,513 TFLOPS with sparsity"),
+    DevicePeak("H100 NVL", ("NVIDIA H100 NVL",), 835e12,
+               "NVIDIA H100 Tensor Core GPU data sheet: H100 NVL BF16 1,671 TFLOPS with sparsity"),
+    DevicePeak("H200 SXM", ("NVIDIA H200",), 989e12,
+               "NVIDIA H200 Tensor Core GPU data sheet: H200 SXM BF16 1,979 TFLOPS with sparsity"),
+    DevicePeak("H200 NVL", ("NVIDIA H200 NVL",), 835e12,
+               "NVIDIA H200 Tensor Core GPU data sheet: H200 NVL BF16 1,671 TFLOPS with sparsity"),
+    DevicePeak("A100", ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe",
+                        "NVIDIA A100-PCIE-40GB"), 312e12,
+               "NVIDIA A100 Tensor Core GPU data sheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)"),
+    DevicePeak("L40S", ("NVIDIA L40S",), 362.05e12,
+               "NVIDIA L40S data sheet: BF16 Tensor Core 362.05 TFLOPS (733 with sparsity)"),
+    DevicePeak("L40", ("NVIDIA L40",), 181.05e12,
+               "NVIDIA L40 data sheet: BF16 Tensor Core 181.05 TFLOPS (362.1 with sparsity)"),
+    DevicePeak("L4", ("NVIDIA L4",), 121e12,
+               "NVIDIA L4 Tensor Core GPU data sheet: BF16 Tensor Core 242 TFLOPS with sparsity"),
+    DevicePeak("A10", ("NVIDIA A10",), 125e12,
+               "NVIDIA A10 Tensor Core GPU data sheet: BF16 Tensor Core 125 TFLOPS (250 with sparsity)"),
+)
+
+
+def device_peak(device_name: str) -> Optional[DevicePeak]:
+    """The table entry whose device names include `device_name` exactly (surrounding spaces ignored)."""
+    name = device_name.strip()
+    return next((p for p in DENSE_BF16_PEAKS if name in p.device_names), None)
+
+
+def _peak(label: str) -> float:
+    return next(p.dense_bf16_flops for p in DENSE_BF16_PEAKS if p.label == label)
+
+
+@dataclass(frozen=True)
 class Accelerator:
     key: str
     name: str
@@ -45,25 +92,25 @@ class Accelerator:
     nvlink_eff: float = 0.8
     ib_eff: float = 0.9
     reserve_bytes: int = 1 << 30    # CUDA context, cuBLAS/NCCL workspaces: outside PyTorch's allocator
-    match: tuple[str, ...] = ()     # substrings of torch.cuda.get_device_name
+    device_names: tuple[str, ...] = ()  # torch.cuda.get_device_name of this model, matched exactly
 
     @property
     def has_timing(self) -> bool:
         return bool(self.peak_flops and self.hbm_bw and self.nvlink_bw and self.ib_bw and self.gemm_eff)
 
 
-_A100 = dict(peak_flops=312e12, nvlink_bw=300 * GB, ib_bw=25 * GB, gemm_eff=0.859, attn_eff=0.50)
-_H100 = dict(peak_flops=989e12, nvlink_bw=450 * GB, ib_bw=50 * GB, gemm_eff=0.801, attn_eff=0.35)
+_A100 = dict(peak_flops=_peak("A100"), nvlink_bw=300 * GB, ib_bw=25 * GB, gemm_eff=0.859, attn_eff=0.50)
+_H100 = dict(nvlink_bw=450 * GB, ib_bw=50 * GB, gemm_eff=0.801, attn_eff=0.35)
 
 GPUS: dict[str, Accelerator] = {a.key: a for a in (
     Accelerator("h100", "NVIDIA H100 SXM 80GB", memory_bytes=81559 * MIB, hbm_bw=3.35e12,
-                match=("H100 80GB HBM3", "H100 SXM"), **_H100),
+                peak_flops=_peak("H100 SXM"), device_names=("NVIDIA H100 80GB HBM3",), **_H100),
     Accelerator("h200", "NVIDIA H200 SXM 141GB", memory_bytes=143771 * MIB, hbm_bw=4.8e12,
-                match=("H200",), **_H100),
+                peak_flops=_peak("H200 SXM"), device_names=("NVIDIA H200",), **_H100),
     Accelerator("a100_80gb", "NVIDIA A100 SXM 80GB", memory_bytes=81920 * MIB, hbm_bw=2.039e12,
-                match=("A100-SXM4-80GB", "A100 80GB", "A100-80GB"), **_A100),
+                device_names=("NVIDIA A100-SXM4-80GB",), **_A100),
     Accelerator("a100_40gb", "NVIDIA A100 SXM 40GB", memory_bytes=40960 * MIB, hbm_bw=1.555e12,
-                match=("A100-SXM4-40GB", "A100 40GB", "A100-40GB", "A100-SXM4", "A100"), **_A100),
+                device_names=("NVIDIA A100-SXM4-40GB",), **_A100),
 )}
 ALIASES = {"h100_sxm": "h100", "a100": "a100_80gb", "a100-80gb": "a100_80gb", "a100-40gb": "a100_40gb"}
 
@@ -78,14 +125,14 @@ def get_gpu(key: str, ib_gbps: Optional[float] = None) -> Accelerator:
 
 
 def gpu_from_device_name(name: str, total_memory: int) -> Accelerator:
-    """The table entry for a CUDA device name, with the memory the device reports; an unknown GPU gets
-    memory only (and the bf16 peak from llama_pt.train.metrics when known): no step-time prediction."""
+    """The table entry for a CUDA device name (exact), with the memory the device reports; another GPU gets
+    memory only (and its bf16 peak when DENSE_BF16_PEAKS knows it): no step-time prediction."""
     for gpu in GPUS.values():
-        if any(m in name for m in gpu.match):
+        if name.strip() in gpu.device_names:
             return replace(gpu, memory_bytes=total_memory)
-    from ..train.metrics import PEAK_BF16_FLOPS
-    peak = next((p for key, p in PEAK_BF16_FLOPS if key in name), None)
-    return Accelerator("unknown", name, peak_flops=peak, memory_bytes=total_memory)
+    peak = device_peak(name)
+    return Accelerator("unknown", name, peak_flops=peak.dense_bf16_flops if peak else None,
+                       memory_bytes=total_memory)
 
 
 def host_memory_bytes() -> int:

@@ -7,7 +7,7 @@ gradients 4, moments 8 (the weights are the master copy). ZeRO-1 divides the opt
 data-parallel size, ZeRO-2 also the gradients, ZeRO-3 also the weights.
 
 Activations of one micro-batch (gradient accumulation runs micro-batches one after another):
-n_layers x llama_pt.ops.activation_memory.layer_activation_bytes (the layer-backward issue's formula,
+n_layers x llama_pt.ops.activation_memory.layer_activation_bytes (the formula of docs/activation_memory.md,
 Korthikanti et al. 2022 Sec. 4 re-derived for the LLaMA layer) plus what lives outside the layers:
 the token batch, the final RMSNorm, the output projection's input and the loss's saved softmax. Under
 `full` recomputation one layer's `none` activations are alive again while its backward runs.

@@ -36,7 +36,7 @@ def check(config_dict: dict[str, Any], world_size: int) -> str:
     from .config import resolve
     from .data_setup import build_train_data
     run = resolve(config_dict, world_size=world_size)
-    build_train_data(run, dp_rank=0, dp_size=run.dp_size)
+    build_train_data(run, dp_rank=0, dp_size=run.dp_size, build_index=False)
     p = run.parallel
     return (f"ok: {world_size} process(es) = TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x "
             f"DP {run.dp_size} (zero_stage {p.zero_stage}), {run.grad_accumulation_steps()} micro-batches of "

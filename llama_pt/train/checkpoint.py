@@ -44,30 +44,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt; the message names the folder and file."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` allowing only the plain classes it is made of."""
+_DTYPE_NAMES = frozenset(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
 
-    _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-    _ALLOWED = {("torch", "Size"), ("torch", "device"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout")}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` allowing exactly the (module, name) pairs it is made of.
+
+    Names are matched whole: the unpickler would otherwise resolve a dotted name such as
+    ``os.system`` as an attribute path through any allowed module that imports ``os``. DCP's
+    ``BytesStorageMetadata`` is deliberately absent: DCP reads byte entries back with
+    ``torch.load(weights_only=False)``, and our checkpoints hold tensors only.
+    """
+
+    _ALLOWED = frozenset({
+        *(("torch.distributed.checkpoint.metadata", n) for n in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),
+        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+        *(("torch", n) for n in _DTYPE_NAMES),
+    })
 
     def find_class(self, module: str, name: str):
-        dtype = getattr(torch, name, None) if module == "torch" else None
-        if (module, name) in self._ALLOWED or isinstance(dtype, torch.dtype) or \
-                module.startswith(self._ALLOWED_MODULE_PREFIXES):
+        if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not allowed")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """DCP's ``.metadata`` file through the allow-list unpickler; CheckpointError naming the file otherwise."""
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as e:  # any failure to unpickle a file we did not vet is the checkpoint's fault
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"checkpoint metadata {path} refused: {reason}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint metadata {path} refused: it holds a {type(metadata).__name__}, "
+                              "not DCP metadata")
+    return metadata
 
 
 class SafeFileSystemReader(FileSystemReader):
     """FileSystemReader whose metadata is read through the allow-list unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path} does not hold DCP metadata")
+        metadata = read_dcp_metadata(Path(self.path) / ".metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -181,7 +203,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check every file against MANIFEST.json; return the trainer state. Raises CheckpointError."""
+    """Check every file against MANIFEST.json and vet DCP's metadata; return the trainer state.
+    Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -200,6 +223,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         file = path / name
         if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+    read_dcp_metadata(path / ".metadata")
     return json.loads((path / TRAINER_STATE).read_text())
 
 

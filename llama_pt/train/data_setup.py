@@ -1,15 +1,24 @@
-"""The trainer's view of its data: the rank's micro-batch loader, held-out evaluation, and the tokenizer."""
+"""The trainer's view of its data: the rank's micro-batch loader, held-out evaluation, and the tokenizer.
+
+The sources' epoch tables (llama_pt.data.packing) go to data.index_dir, by default
+<train.out_dir>/data_index, which like the checkpoints must be a folder every rank sees. Global rank 0
+builds the tables of the epochs the run's train.steps read (at most the first 8 of each source,
+llama_pt.data.samples.PREBUILT_EPOCHS) while the other ranks wait at a barrier; a later epoch is built
+on demand by the first process that needs it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
-from ..data import (DataConfig, MicroBatchLoader, SequentialWindows, build_train_samples, format_epoch_table,
-                    load_manifest, valid_prefixes)
+from ..data import (BlendedSamples, DataConfig, MicroBatchLoader, SequentialWindows, build_train_samples,
+                    format_epoch_table, load_manifest, valid_prefixes)
 from ..evaluate import evaluate_perplexity
 from ..model import ConfigError
 from ..parallel import FullLogits, ParallelState
@@ -50,12 +59,27 @@ class TrainData:
     epoch_table: str
 
 
-def build_train_data(run: RunConfig, dp_rank: int, dp_size: int) -> TrainData:
+def prepare_index(samples: BlendedSamples, num_samples: int) -> None:
+    """Global rank 0 builds the epoch tables that samples [0, num_samples) read; the other ranks of the
+    process group (if there is one) wait for it."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        samples.build_index(num_samples)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bool = True) -> TrainData:
+    """Open and check the data of `run` for one data-parallel rank; `build_index=False` (the launcher's
+    config check) leaves the epoch tables to the trainer."""
     cfg = DataConfig.from_dict(run.data)
+    if cfg.index_dir is None:
+        cfg = dataclasses.replace(cfg, index_dir=str(Path(run.train.out_dir) / "data_index"))
     samples = build_train_samples(cfg, run.train.seq_len)
     if samples.vocab_size > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({samples.vocab_size}) named in data.manifest={cfg.manifest}")
+    if build_index:
+        prepare_index(samples, run.train.steps * run.train.global_batch_sequences)
     loader = MicroBatchLoader(samples, run.train.global_batch_sequences, run.train.micro_batch_size,
                               dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.num_workers)
     held_out = valid_prefixes(cfg)

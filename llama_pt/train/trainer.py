@@ -39,20 +39,16 @@ from .data_setup import TrainData, build_train_data
 from .distributed import DistContext, single_process
 from .metrics import mfu, peak_flops
 from .optim import build_optimizer, learning_rate
+from .precision import Precision, resolve_precision
 from .preemption import StopSignals
 from .run_log import RunLogger
 from .step_guard import StepGuard, TrainingDiverged
 from .watchdog import Watchdog
 
 
-def wants_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 on GPU (precision auto) or when asked for; fp32 otherwise."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_context(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: Precision):
     """bf16 autocast over fp32 master weights (the all-reduce engine); plain fp32 otherwise."""
-    if wants_bf16(device, precision):
+    if precision.bf16:
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -91,6 +87,7 @@ class Trainer:
 
     def _build(self, run: RunConfig) -> None:
         f = run.fault
+        self.precision = resolve_precision(self.device, run.train.precision)
         self.data: TrainData = build_train_data(run, dp_rank=self.pstate.dp_rank, dp_size=self.pstate.dp_size)
         self.resume_from = self.checkpoint_to_resume()
         torch.manual_seed(run.train.seed)  # the same initial model on every rank
@@ -103,7 +100,7 @@ class Trainer:
         self.loss_fn = make_loss_fn(self.pstate)
         self.optimizer = build_optimizer(model, run.optim)
         self.engine = self._build_engine(model)
-        self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, run.train.precision)
+        self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, self.precision)
         self.layout = CheckpointLayout(self.pstate, self.device)
         self.step = 0
         self._saved_at: Optional[int] = None
@@ -129,7 +126,7 @@ class Trainer:
         if self.zero:
             from ..parallel.zero import ZeroDataParallel
             return ZeroDataParallel(model, self.optimizer, self.pstate, t.micro_batch_size, gas,
-                                    self.run.optim.grad_clip, bf16=wants_bf16(self.device, t.precision))
+                                    self.run.optim.grad_clip, bf16=self.precision.bf16)
         return PlainDataParallel(model, self.optimizer, self.pstate, gas, self.run.optim.grad_clip, p.overlap)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -145,8 +142,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.watchdog.beat(self.step, "checkpoint save")
-        tensors = self.layout.wrap(self.engine.state_tensors(), self._params())
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, self.trainer_state(),
+        target = self.layout.engine_checkpoint(self.engine, self._params())
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, target.tree, self.trainer_state(),
                                     keep_last=self.run.train.keep_last)
         self._saved_at = self.step
         return path
@@ -156,16 +153,15 @@ class Trainer:
         so they are not computed a second time. ``roll_back``: weights, optimizer, step and RNG only; the
         data position and the step guard's window stay where they are (the bad batches are not replayed)."""
         self.watchdog.beat(self.step, "checkpoint load")
-        tensors = self.engine.state_tensors()
-        wrapped = self.layout.wrap(tensors, self._params())
+        target = self.layout.engine_checkpoint(self.engine, self._params())
         if verified:
             state = ckpt.read_trainer_state(path)
-            ckpt.load_verified(path, wrapped)
+            ckpt.load_verified(path, target.tree)
         else:
-            state = ckpt.load_checkpoint(path, wrapped)
+            state = ckpt.load_checkpoint(path, target.tree)
         if state["model_config"] != self.run.model.to_dict():
             raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model config")
-        self.engine.load_state_tensors(tensors)
+        target.loaded()
         self.step = self._saved_at = state["step"]
         if not roll_back:
             self.data.loader.load_state_dict(state["loader"])
@@ -281,16 +277,20 @@ class Trainer:
                         enabled=self.ctx.is_coordinator)
         log.message(f"model: {count_parameters(self.run.model):,} parameters on {self.device}; "
                     f"{self.run.grad_accumulation_steps(self.pstate.dp_size)} micro-batches of "
-                    f"{t.micro_batch_size} per step; {self.describe_layout()}\n"
+                    f"{t.micro_batch_size} per step; {self.precision.name}; {self.describe_layout()}\n"
                     f"data (epochs over {t.steps} steps):\n{self.data.epoch_table}")
+        if self.precision.note:
+            log.message(self.precision.note)
         if resumed_from is not None:
             log.message(f"resumed from {resumed_from} at step {self.step}")
-        window_start, window_steps = time.perf_counter(), 0
+        window_seconds, window_steps = 0.0, 0  # time in training steps only (data, forward, backward, update)
         batches: Iterator[list[torch.Tensor]] = iter(self.data.loader)
         self.stop_signals = stop
         stopped_by = ""
         while self.step < t.steps:
+            started = time.perf_counter()
             metrics = self.train_step(next(batches))
+            window_seconds += time.perf_counter() - started
             window_steps += 1
             log.advance()
             skipped, stop_agreed = metrics.pop("skipped"), metrics.pop("stop")
@@ -304,28 +304,31 @@ class Trainer:
                 self.roll_back(log)
                 continue
             if log_due:
-                elapsed = time.perf_counter() - window_start
-                tps = window_steps * t.global_batch_tokens / elapsed
-                metrics.update(tokens_per_s=tps, step_time_s=elapsed / window_steps)
+                tps = window_steps * t.global_batch_tokens / window_seconds
+                metrics.update(tokens_per_s=tps, step_time_s=window_seconds / window_steps)
                 utilisation = mfu(tps, self.flops_per_token, self.ctx.env.world_size, self.peak)
                 if utilisation is not None:
                     metrics["mfu"] = utilisation
                 if skipped is not None:
                     metrics["skipped"] = skipped
                 log.log(self.step, metrics)
-                window_start, window_steps = time.perf_counter(), 0
+                window_seconds, window_steps = 0.0, 0
             if t.eval_every and (self.step % t.eval_every == 0 or is_last):
                 self.watchdog.beat(self.step, "evaluation")
+                started = time.perf_counter()
                 valid = self.evaluate()
                 if valid is not None:
-                    log.log(self.step, valid)
+                    log.log(self.step, {**valid, "eval_s": time.perf_counter() - started})
             if not is_last and stop_agreed:
                 stopped_by = stop.name if stop is not None and stop.requested else "a stop signal on another rank"
             elif not is_last and t.exit_interval and self.step % t.exit_interval == 0:
                 stopped_by = f"train.exit_interval={t.exit_interval}"
             if (t.ckpt_every and (self.step % t.ckpt_every == 0 or is_last)) or stopped_by:
                 if self._saved_at != self.step:
-                    log.message(f"saved {self.save()}")
+                    started = time.perf_counter()
+                    path = self.save()
+                    log.log(self.step, {"ckpt_s": time.perf_counter() - started})
+                    log.message(f"saved {path}")
             if stopped_by:
                 log.message(f"exiting at step {self.step} ({stopped_by}); train.resume=auto continues from here")
                 break

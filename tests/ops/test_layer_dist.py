@@ -17,7 +17,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CASES = ["tp2", "tp2_sp", "tp2_sp_gqa", "tp2_sp_kv1", "tp2_kv1_no_overlap", "tp2_sp_no_overlap", "tp2_sp_bf16"]
 FP32_REL_TOL = 1e-5
-BF16_REL_TOL = {"loss": 1e-3, "grad": 5e-2}  # both sides round to bf16 in different places; a bug errs by O(1)
+# bf16 autocast against the one-process bf16 run: besides the roundings both sides share, each TP rank
+# rounds its partial products to bf16 before they are summed over TP, so more independent roundings
+# (relative RMS u / sqrt(3) = 2.3e-3 each, u = 2^-8) add in quadrature than in one process (1.5e-2 there,
+# tests/ops/test_layer_backward.py). Measured worst: loss 1.8e-5, gradient 1.13e-2, selective against
+# none 6.2e-3. A wrong shard or a wrong backward term errs by O(1/sqrt(dim)) = 6e-2 or more.
+BF16_REL_TOL = {"loss": 2e-4, "grad": 2e-2}
 N_LAYERS, SEQ, BATCH, DIM = 2, 64, 2, 256
 
 pytestmark = pytest.mark.slow

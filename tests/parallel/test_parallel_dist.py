@@ -18,8 +18,11 @@ REPO = HERE.parents[1]
 TWO = ["tp2", "tp2_no_overlap", "tp2_sp", "tp2_sp_no_overlap", "tp2_kv1", "tp2_sp_kv1", "tp2_sp_bf16"]
 FOUR = ["tp2", "tp2_sp", "tp4_sp_kv2"]  # with 4 processes tp2 is TP=2 x DP=2
 FP32_REL_TOL, FP64_ABS_TOL = 1e-5, 1e-12
-# bf16 autocast: both sides round to 8 mantissa bits, in different orders; a wrong shard errs by O(1).
-BF16_REL_TOL = {"loss": 1e-3, "logits": 2e-2, "grad": 5e-2}
+# bf16 autocast against one bf16 process: each TP rank rounds its partial products to bf16 (unit
+# roundoff u = 2^-8, relative RMS u / sqrt(3) = 2.3e-3 per rounding) before the sum over TP, so a few
+# more independent roundings than in one process add in quadrature. Measured worst (tp2_sp_bf16): loss
+# 1.4e-6, logits 3.1e-3, gradient 8.0e-3. A wrong shard errs by O(1).
+BF16_REL_TOL = {"loss": 2e-4, "logits": 1e-2, "grad": 2e-2}
 
 pytestmark = pytest.mark.slow
 

@@ -36,8 +36,11 @@ FOUR = ["tp2dp2_z1", "tp2dp2_sp_z2", "tp2dp2_z0", "tp2dp2_z1_resume"]
 TWO = ["dp2_z1", "dp2_z2", "dp2_z1_no_overlap", "dp2_z2_no_overlap", "dp2_z0", "dp2_z0_no_overlap", "dp2_z2_bf16",
        "tp1dp2_z2_resume", "tp2dp1_z0_resume", "tp1dp2_z1_corrupt"]
 STEP_TOL, TRACK_TOL, RESHARD_TOL = 1e-5, 1e-5, 1e-5
-# DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights) against the fp32 reference.
-BF16_TOL = {"loss": 2e-3, "norm": 2e-2, "grad": 5e-2}
+# DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights) against the fp32 reference:
+# every weight, activation and matmul output rounded once to bf16 (unit roundoff u = 2^-8, relative
+# RMS u / sqrt(3) = 2.3e-3 each), a few such roundings in quadrature per gradient. Measured (dp2_z2_bf16):
+# loss 5.8e-6, gradient norm 2.1e-4, worst gradient 8.8e-3. A wrong reduction errs by O(1).
+BF16_TOL = {"loss": 2e-4, "norm": 2e-3, "grad": 2e-2}
 BUCKET = 40_000  # parallel.bucket_size: smaller than the model, so DeepSpeed reduces in several buckets
 RESUME_STEP = 4
 

@@ -30,7 +30,7 @@ def english_fortunes() -> dict[str, list[str]]:
 def lm_dir(tmp_path_factory, english_fortunes) -> Path:
     """English and German reference models, trained by train_reference_lm and `llama-data train-lm`."""
     from data_pipeline.cli import main
-    from data_pipeline.steps.kenlm_train import train_reference_lm
+    from data_pipeline.tools.train_lm import train_reference_lm
 
     root = tmp_path_factory.mktemp("lm")
     models = root / "models"

@@ -10,7 +10,7 @@ import pytest
 from data_pipeline.cli import main
 from data_pipeline.recipe import load_recipe
 from llama_pt.data import load_manifest
-from llama_pt.model import ConfigError
+from llama_pt.config import ConfigError
 from realtext import english_texts, write_jsonl_shards
 
 RECIPE = """

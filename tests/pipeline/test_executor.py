@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.executor import LocalExecutor, TaskError, read_marker
+from data_pipeline.executor import LocalExecutor
 from data_pipeline.pipeline import SourceSpec, StepSpec, clean_tasks
 from data_pipeline.slurm import SlurmExecutor, cluster_max_array_size, parse_max_array_size, split_arrays
 from data_pipeline.stats import write_report
+from data_pipeline.task import TaskError, read_marker
 from realtext import english_texts, write_jsonl_shards
 
 

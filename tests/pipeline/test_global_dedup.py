@@ -10,16 +10,17 @@ import pytest
 from data_pipeline import hash_dedup as hd
 from data_pipeline.cli import main
 from data_pipeline.document import Document
-from data_pipeline.executor import LocalExecutor, TaskError
-from data_pipeline.normalize import Normalize
-from data_pipeline.paragraph_dedup import line_hashes
+from data_pipeline.executor import LocalExecutor
 from data_pipeline.pipeline import SourceSpec, StepSpec, clean_tasks, dedup_rounds, run_dedup_passes
 from data_pipeline.recipe import load_recipe
 from data_pipeline.steps.books import (BooksNearDedup, band_layout, estimated_jaccard, find_near_duplicates,
                                        near_duplicates_path, shingles, signatures_path)
 from data_pipeline.steps.exact_dedup import ExactDedup, normalize_for_exact_dedup, text_hash
 from data_pipeline.steps.github import GithubFilter
-from data_pipeline.tokenize_stage import iter_clean_texts
+from data_pipeline.steps.normalize import Normalize
+from data_pipeline.steps.paragraph_dedup import line_hashes
+from data_pipeline.task import TaskError
+from data_pipeline.tokenize_stage import iter_clean_records as iter_clean_texts
 from realtext import english_texts
 
 LICENSES = Path("/usr/share/common-licenses")

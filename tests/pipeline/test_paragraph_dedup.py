@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from data_pipeline import hash_dedup as hd
-from data_pipeline import paragraph_dedup as pd
-from data_pipeline.executor import LocalExecutor, TaskError
-from data_pipeline.normalize import Normalize, normalize_for_dedup
+from data_pipeline.ccnet_normalization import normalize_for_dedup
+from data_pipeline.executor import LocalExecutor
 from data_pipeline.pipeline import SourceSpec, StepSpec, clean_tasks, dedup_rounds
-from data_pipeline.tokenize_stage import iter_clean_texts
+from data_pipeline.steps import paragraph_dedup as pd
+from data_pipeline.steps.normalize import Normalize
+from data_pipeline.task import TaskError
+from data_pipeline.tokenize_stage import iter_clean_records as iter_clean_texts
 from realtext import english_texts, write_jsonl_shards
 
 

@@ -8,11 +8,11 @@ import kenlm
 import numpy as np
 import pytest
 
+from data_pipeline.ccnet_normalization import normalize_for_lm
 from data_pipeline.cli import main
 from data_pipeline.document import Document
-from data_pipeline.steps import kenlm_train
-from data_pipeline.steps.perplexity import (LanguageModel, Perplexity, bucket_of,
-                                            normalize_for_lm, read_cutoffs)
+from data_pipeline.steps.perplexity import LanguageModel, Perplexity, bucket_of, read_cutoffs
+from data_pipeline.tools import train_lm as kenlm_train
 
 
 def _shuffled_words(text: str, seed: int) -> str:

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.executor import LocalExecutor, read_marker
+from data_pipeline.executor import LocalExecutor
 from data_pipeline.manifest_stage import PRESETS, write_manifests
 from data_pipeline.pipeline import SourceSpec, StepSpec, clean_tasks
-from data_pipeline.tokenize_stage import (clean_files, encode_tasks, in_valid_split, iter_clean_texts,
-                                          sample_texts, train_tokenizer)
+from data_pipeline.task import read_marker
+from data_pipeline.tokenize_stage import clean_files, encode_tasks, in_valid_split
+from data_pipeline.tokenize_stage import iter_clean_records as iter_clean_texts
+from data_pipeline.tokenize_stage import sample_texts, train_tokenizer
 from llama_pt.data import IndexedDataset, load_manifest
 from llama_pt.tokenizer import Tokenizer
 from realtext import english_texts, write_jsonl_shards

@@ -8,7 +8,8 @@ import pytest
 from debian_text import debian_reference, fortunes, sample
 from data_pipeline.cli import main
 from data_pipeline.document import Document
-from data_pipeline.steps.wiki_classifier import WikiReferenceFilter, prepare, train_wiki_classifier
+from data_pipeline.steps.wiki_classifier import WikiReferenceFilter, prepare
+from data_pipeline.tools.train_wiki_classifier import train_wiki_classifier
 
 
 SMALL = ["--epoch", "10", "--bucket", "20000"]  # 600 training documents: an 8 MB model, not 800 MB

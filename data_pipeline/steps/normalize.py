@@ -1,38 +1,15 @@
-"""Text normalisation: the document clean-up step, and CCNet's line normalisation for dedup.
-
-``normalize_for_dedup`` follows CCNet (Wenzek et al. 2020, Section 3.2; ``text_normalizer.py`` of
-facebookresearch/cc_net): strip, lower-case, every digit to ``0``, CCNet's list of Unicode
-punctuation and the non-printing characters (code points 0-31 and 127-159) removed. Whitespace runs
-are then collapsed to one space. ASCII punctuation is kept, as in CCNet.
-"""
+"""The document clean-up step: Unicode normal form, line ends, control characters, blank-line runs."""
 from __future__ import annotations
 
 import re
 import unicodedata
 from typing import Iterable, Iterator
 
-from .document import Document
-from .step import Step
+from ..ccnet_normalization import NON_PRINTING
+from ..document import Document
+from ..step import Step
 
-#: The Unicode punctuation CCNet maps to ASCII (and removes when normalising for dedup).
-CCNET_UNICODE_PUNCT = "，。、„”“«»１」「《》´∶：？！（）；–—．～’…━〈〉【】％►"
-_NON_PRINTING = "".join(map(chr, [*range(0, 32), *range(127, 160)]))
-_DIGITS = re.compile(r"\d")
-_DROP = str.maketrans("", "", CCNET_UNICODE_PUNCT + _NON_PRINTING)
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_for_dedup(line: str) -> str:
-    """CCNet's dedup normalisation of one line (see module docstring); '' for blank lines."""
-    line = line.strip()
-    if not line:
-        return line
-    line = _DIGITS.sub("0", line.lower())
-    line = line.translate(_DROP)
-    return _SPACES.sub(" ", line).strip()
-
-
-_CONTROL = str.maketrans("", "", "".join(c for c in _NON_PRINTING if c not in "\n\t"))
+_CONTROL = str.maketrans("", "", "".join(c for c in NON_PRINTING if c not in "\n\t"))
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 
 

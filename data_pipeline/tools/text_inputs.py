@@ -1,6 +1,7 @@
 """Reading the plain inputs of the model-training commands (reference text, labelled corpora, samples).
 
-Two kinds of file are accepted, plain or compressed (``.gz``, ``.zst``):
+Two kinds of file are accepted, plain, gzip or zstd (told by the first bytes), in UTF-8 (a UTF-16
+file raises ``NotUtf8Error`` naming it):
 - JSON lines (``.jsonl``, ``.json``): one Document record per line; its ``text`` field is one example
   (bad records are skipped by the pipeline's own JSONL reader, which counts them).
 - anything else is text: every non-blank line is one example (CCNet's LM training text has one
@@ -12,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..compression import open_binary
+from ..compression import open_utf8
 from ..readers import InputShard, make_reader
 
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -43,7 +44,7 @@ def iter_documents_text(paths: Iterable[str | Path], language: str | None = None
                 if language is None or lang is None or lang == language:
                     yield doc.text
         else:
-            with open_binary(path) as raw:
+            with open_utf8(path) as raw:
                 for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
                     line = line.strip()
                     if line:

@@ -1,6 +1,6 @@
 """Paragraph (line) dedup across every shard of a source, as CCNet (Wenzek et al. 2020, Section 3.2).
 
-Each line is normalised (``normalize_for_dedup``) and hashed to 64 bits: the first 8 bytes of its
+Each line is normalised (``ccnet_normalization.normalize_for_dedup``) and hashed to 64 bits: the first 8 bytes of its
 SHA-1, read as a little-endian uint64. A line whose hash occurs more than once in the whole run —
 in any document of any shard, including twice in one document — is removed everywhere, all
 occurrences. Blank lines are hashed like any other line (to the hash of ''), as in CCNet, so they go
@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .document import Document
-from .hash_dedup import HASH_DTYPE, HashDedupStep
-from .normalize import normalize_for_dedup
+from ..ccnet_normalization import normalize_for_dedup
+from ..document import Document
+from ..hash_dedup import HASH_DTYPE, HashDedupStep
 
 
 def line_hashes(text: str) -> np.ndarray:
