@@ -35,9 +35,9 @@ slurm-local:
 #   make gpu-check GPU_PY=.venv/bin/python GPU_CHECK_ARGS="--device cpu --quick"
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py run $(GPU_CHECK_ARGS)
+	$(GPU_PY) scripts/gpu_check run $(GPU_CHECK_ARGS)
 
 # On a networked machine: the wheels gpu-check installs (pure Python, for the GPU machines' Python 3.12),
 # into .whl/, which is git-ignored: copy it to the GPU machine with the working tree.
 gpu-wheels:
-	$(GPU_PY) scripts/gpu_check.py wheels
+	$(GPU_PY) scripts/gpu_check wheels

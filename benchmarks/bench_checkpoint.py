@@ -93,7 +93,8 @@ def _slowest(start: float) -> float:
 def worker(args) -> None:
     """Under torchrun: one optimizer step, then `--repeats` saves and loads through `--path`; rank 0 prints JSON."""
     from llama_pt.model import Llama, get_preset
-    from llama_pt.parallel import CheckpointLayout, ParallelConfig, ParallelState, make_loss_fn, parallelize
+    from llama_pt.config import ParallelConfig
+    from llama_pt.parallel import CheckpointLayout, ParallelState, make_loss_fn, parallelize
     from llama_pt.parallel.comm_trace import summarize, trace_collectives
     from llama_pt.parallel.zero import ZeroDataParallel
     from llama_pt.train import checkpoint as ckpt

@@ -11,7 +11,7 @@ over the mean wall-clock step time after warm-up
 (process CPU time per step is reported too: on a shared CPU it is the steadier number); MFU = tokens/s * llama_pt.model.flops_per_token (6N plus the
 attention term) / the device's dense bf16 peak (llama_pt.train.metrics; none on CPU). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. --compile adds rows for `selective` with its
-elementwise pieces fused by torch.compile (llama_pt.ops.layer_backward.compile_elementwise).
+elementwise pieces fused by torch.compile (llama_pt.blocks.selective.compile_elementwise).
 --json writes the rows (atomically) after each row, so a run stopped early keeps the rows it finished.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from llama_pt.hf_interop import hf_config, to_hf_name  # noqa: E402
 from llama_pt.model import Llama, flops_per_token, get_preset  # noqa: E402
-from llama_pt.ops import layer_backward  # noqa: E402
-from llama_pt.ops.activation_memory import layer_activation_bytes  # noqa: E402
-from llama_pt.ops.activation_modes import ACTIVATION_MODES, apply_activation_mode  # noqa: E402
+from llama_pt.blocks import selective as layer_backward  # noqa: E402
+from llama_pt.blocks.memory import layer_activation_bytes  # noqa: E402
+from llama_pt.blocks.modes import ACTIVATION_MODES, apply_activation_mode  # noqa: E402
 from llama_pt.ops.attention import xformers_available  # noqa: E402
 from llama_pt.train.metrics import mfu, peak_flops  # noqa: E402
 

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llama_pt.model import Llama, get_preset  # noqa: E402
-from llama_pt.parallel import ParallelConfig, ParallelState, PlainDataParallel, make_loss_fn, parallelize  # noqa: E402
+from llama_pt.config import ParallelConfig  # noqa: E402
+from llama_pt.parallel import ParallelState, PlainDataParallel, make_loss_fn, parallelize  # noqa: E402
 from llama_pt.train.optim import OptimConfig, build_optimizer  # noqa: E402
 
 LAYOUTS = [(2, False), (2, True), (4, False), (4, True)]  # (processes, sequence_parallel); TP = 2 throughout

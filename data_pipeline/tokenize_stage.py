@@ -73,12 +73,12 @@ def in_valid_split(source: str, doc_id: str, fraction: float) -> bool:
 
 
 def remove_writer_leftovers(prefix: Path) -> None:
-    """Delete the temporary files that a killed ``IndexedDatasetWriter`` of ``prefix`` left: its
-    ``<file>.tmp<pid>`` files, and the ``llama_pt.atomic`` temporaries of the ``.bin`` and ``.idx``."""
+    """Delete the temporary files (``llama_pt.atomic`` names) that a killed ``IndexedDatasetWriter`` of
+    ``prefix`` left beside its ``.bin`` and ``.idx``."""
     from llama_pt.data.indexed import bin_path, idx_path
 
     for final in (bin_path(prefix), idx_path(prefix)):
-        for tmp in [*leftovers(final), *final.parent.glob(final.name + ".tmp*")]:
+        for tmp in leftovers(final):
             remove(tmp)
 
 

@@ -74,7 +74,8 @@ def fsync_tree(path: PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike, durable: bool = True) -> Iterator[Path]:
-    """Yield a temporary path; rename it to ``path`` (replacing a file; a folder must not exist) on success."""
+    """Yield a temporary path; rename it to ``path`` on success (replacing a file, or a folder: the old one is
+    first renamed out of sight, then deleted)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
@@ -82,7 +83,13 @@ def atomic_path(path: PathLike, durable: bool = True) -> Iterator[Path]:
         yield tmp
         if durable:
             fsync_tree(tmp)
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():
+            old = temporary_name(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise

@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from .atomic import write_bytes_atomic
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
 
 # Everything that makes the model LLaMA's except vocabulary size, sample size, threads and seed.
@@ -94,15 +96,9 @@ def train_sentencepiece(inputs: Iterable[str] | list[Path], model_prefix: str | 
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(Path(f"{prefix}.vocab"), vocab.encode("utf-8"))
-    _write_atomic(Path(f"{prefix}.model"), proto.getvalue())  # last: its presence means the pair is complete
+    write_bytes_atomic(Path(f"{prefix}.vocab"), vocab.encode("utf-8"))
+    write_bytes_atomic(Path(f"{prefix}.model"), proto.getvalue())  # last: its presence means the pair is complete
     return Path(f"{prefix}.model")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Tokenizer:

@@ -1,15 +1,14 @@
-"""scripts/gpu_check.py (make gpu-check) on CPU: the whole run at tiny shapes, on a simulated bare GPU image;
+"""scripts/gpu_check (make gpu-check) on CPU: the whole run at tiny shapes, on a simulated bare GPU image;
 and the packages it installs are all the GPU paths need beyond the image.
 
 A GPU image is simulated by hiding, from a subprocess, every package of requirements.txt that is neither
-in the image (gpu_check.IMAGE) nor shipped as a wheel (gpu_check.WHEELS): a `sitecustomize` module on
-PYTHONPATH makes their modules unimportable and their distributions (and so their pytest plugins)
+in the image (gpu_check.wheels.IMAGE) nor shipped as a wheel (gpu_check.wheels.WHEELS): a `sitecustomize`
+module on PYTHONPATH makes their modules unimportable and their distributions (and so their pytest plugins)
 invisible. pip is kept offline (PIP_NO_INDEX), as on the GPU machines.
 """
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -48,15 +47,9 @@ sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_
 '''
 
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_gpu_check()
+sys.path.insert(0, str(REPO / "scripts"))
+from gpu_check.section import BEGIN, END, insert_section  # noqa: E402
+from gpu_check.wheels import IMAGE, WHEELS  # noqa: E402
 
 
 def _norm(name: str) -> str:
@@ -65,10 +58,10 @@ def _norm(name: str) -> str:
 
 def _image_env(tmp_path: Path, with_wheels: bool) -> dict[str, str]:
     """The environment of a GPU image (plus the wheels' packages when `with_wheels`), pip offline."""
-    keep = {_norm(d) for d in gpu_check.IMAGE} | ({_norm(w.dist) for w in gpu_check.WHEELS} if with_wheels else set())
+    keep = {_norm(d) for d in IMAGE} | ({_norm(w.dist) for w in WHEELS} if with_wheels else set())
     lines = (REPO / "requirements.txt").read_text().splitlines()
     required = [_norm(line.split("==")[0]) for line in lines if "==" in line]
-    hidden = [d for d in required + [_norm(w.dist) for w in gpu_check.WHEELS] if d not in keep]
+    hidden = [d for d in required + [_norm(w.dist) for w in WHEELS] if d not in keep]
     modules = {m for m, dists in importlib.metadata.packages_distributions().items()
                if any(_norm(d) in hidden for d in dists)}
     hider = tmp_path / "hider"
@@ -86,14 +79,14 @@ def test_quick_cpu_run_on_a_bare_image_writes_the_report_and_the_section(tmp_pat
     out = tmp_path / "out"
     args = ["run", "--device", "cpu", "--quick", "--out", str(out), "--results", str(results),
             "--wheelhouse", str(tmp_path / "none")]
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", *args],
+    proc = subprocess.run([sys.executable, "scripts/gpu_check", *args],
                           cwd=REPO, env=_image_env(tmp_path, with_wheels=False), capture_output=True, text=True,
                           timeout=170)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # set-up incomplete: no wheels, no PyPI
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert steps["setup"]["status"] == "incomplete"
-    assert report["setup"]["missing"] == [w.spec for w in gpu_check.WHEELS] and report["setup"]["problems"]
+    assert report["setup"]["missing"] == [w.spec for w in WHEELS] and report["setup"]["problems"]
     assert report["setup"]["expected_missing"] == []
     assert all(steps[name]["status"] == "ok" and steps[name]["seconds"] > 0
                for name in ("tests", "bench_layer", "bench_parallel"))
@@ -113,13 +106,13 @@ def test_quick_cpu_run_on_a_bare_image_writes_the_report_and_the_section(tmp_pat
     assert "deepspeed" not in report["bench_parallel"]["versions"]  # it ran without deepspeed
 
     text = results.read_text(encoding="utf-8")
-    assert text.count(gpu_check.BEGIN) == 1 and text.count(gpu_check.END) == 1
-    section = text[text.index(gpu_check.BEGIN):text.index(gpu_check.END) + len(gpu_check.END)]
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    section = text[text.index(BEGIN):text.index(END) + len(END)]
     assert "## GPU check — cpu (quick smoke run" in section
     for expected in ("| bench_parallel | ok |", "| tiny | transformers | none | sdpa | 2x32 |", "| parallel_tp1 |",
                      "needs a CUDA GPU", "missing hydra-core=="):
         assert expected in section, expected
-    assert gpu_check.insert_section(original, section) == text  # nothing else of RESULTS.md changed
+    assert insert_section(original, section) == text  # nothing else of RESULTS.md changed
 
 
 def test_the_gpu_paths_run_with_the_image_and_the_wheels_alone(tmp_path):
@@ -136,7 +129,7 @@ def test_the_gpu_paths_run_with_the_image_and_the_wheels_alone(tmp_path):
 
 def test_section_replaces_an_earlier_one_and_keeps_the_rest():
     text = "# Benchmark results\n\nintro\n"
-    first = gpu_check.insert_section(text, f"{gpu_check.BEGIN}\nold\n{gpu_check.END}")
-    assert first == f"# Benchmark results\n\nintro\n\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\n"
-    second = gpu_check.insert_section(first + "\n## Later section\n", f"{gpu_check.BEGIN}\nnew\n{gpu_check.END}")
-    assert second == f"# Benchmark results\n\nintro\n\n{gpu_check.BEGIN}\nnew\n{gpu_check.END}\n\n## Later section\n"
+    first = insert_section(text, f"{BEGIN}\nold\n{END}")
+    assert first == f"# Benchmark results\n\nintro\n\n{BEGIN}\nold\n{END}\n"
+    second = insert_section(first + "\n## Later section\n", f"{BEGIN}\nnew\n{END}")
+    assert second == f"# Benchmark results\n\nintro\n\n{BEGIN}\nnew\n{END}\n\n## Later section\n"

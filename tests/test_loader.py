@@ -198,7 +198,7 @@ def test_a_killed_build_is_never_read_and_is_rebuilt(tmp_path):
     assert started.wait(60)
     os.kill(builder.pid, signal.SIGKILL)
     builder.join()
-    leftovers = list(index_dir.glob("web-*/epoch_000000.tmp-*"))
+    leftovers = list(index_dir.glob("web-*/.epoch_000000.tmp-*"))
     assert len(leftovers) == 1 and (leftovers[0] / "doc_order.npy").is_file()
     np.save(leftovers[0] / "doc_order.npy", np.zeros(len(FLAT), np.int32))  # a wrong table is not read either
     src = PackedSource("web", prefixes, IDX_SEQ, seed=IDX_SEED, index_dir=index_dir)

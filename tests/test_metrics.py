@@ -103,7 +103,7 @@ def test_tokens_per_second_covers_training_steps_only(tmp_path, token_corpus, mo
     import types
     from omegaconf import OmegaConf
     from llama_pt.train import trainer as trainer_module
-    from llama_pt.train.config import resolve
+    from llama_pt.config import resolve
     from llama_pt.train.trainer import Trainer
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from llama_pt.data import (Blend, DataConfig, IndexedDatasetWriter, PackedSource, build_train_samples,
+from llama_pt.config import DataConfig
+from llama_pt.data import (Blend, IndexedDatasetWriter, PackedSource, build_train_samples,
                            format_epoch_table, load_manifest, resolve_weights, valid_prefixes, write_manifest)
 from llama_pt.model import ConfigError
 

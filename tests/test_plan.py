@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from llama_pt.model import ConfigError, Llama, count_parameters, get_preset
-from llama_pt.ops.activation_memory import layer_activation_bytes, measure_saved_bytes
-from llama_pt.ops.activation_modes import apply_activation_mode
+from llama_pt.blocks.memory import layer_activation_bytes, measure_saved_bytes
+from llama_pt.blocks import apply_activation_mode
 from llama_pt.plan import activation_bytes, check_fits, format_report, get_gpu, local_parameters, make_plan
 from llama_pt.plan.__main__ import compose_config, main
 from llama_pt.plan.comm import dp_volume, tp_volume

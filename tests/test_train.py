@@ -28,7 +28,7 @@ def test_loss_falls_and_outputs_are_written(tmp_path, token_corpus):
 
 def _first_step_gradients(tmp_path, token_corpus, micro_batch_size):
     from omegaconf import OmegaConf
-    from llama_pt.train.config import resolve
+    from llama_pt.config import resolve
     from llama_pt.train.trainer import Trainer
     cfg = OmegaConf.to_container(make_config(tmp_path, token_corpus, f"train.micro_batch_size={micro_batch_size}"))
     trainer = Trainer(resolve(cfg), cfg)

@@ -1,4 +1,24 @@
-"""The torch-free config layer: the error every bad setting raises and the typed config sections."""
-from .fields import ConfigError, reject_unknown_fields
+"""The torch-free config layer: every setting's type, default and check, and the one function that turns
+the composed Hydra config into a validated RunConfig.
 
-__all__ = ["ConfigError", "reject_unknown_fields"]
+- fields.py    ConfigError (one line naming the field) and the unknown-field check
+- model.py     ModelConfig, parameter and FLOP counts, the model presets
+- hf_model.py  Hugging Face's config.json <-> ModelConfig
+- sections.py  the train / optim / parallel / data / fault sections, the names each choice may take
+- layout.py    whether a parallel layout can shard a model over N processes
+- run.py       RunConfig and resolve()
+- compose.py   the config train.py would see, for tools and tests
+- mixtures.py  published data mixtures (LLaMA Table 1)
+"""
+from .compose import compose_config
+from .fields import ConfigError, reject_unknown_fields
+from .layout import validate_layout
+from .model import PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
+from .run import RunConfig, resolve
+from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PRECISIONS, ZERO_STAGES, DataConfig,
+                       FaultConfig, OptimConfig, ParallelConfig, TrainConfig)
+
+__all__ = ["ACTIVATION_MODES", "ATTENTION_BACKENDS", "COMM_BACKENDS", "ConfigError", "DataConfig", "FaultConfig",
+           "ModelConfig", "OptimConfig", "PRECISIONS", "PRESETS", "ParallelConfig", "RunConfig", "TrainConfig",
+           "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token", "get_preset",
+           "reject_unknown_fields", "resolve", "validate_layout"]

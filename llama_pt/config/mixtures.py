@@ -1,15 +1,24 @@
 """Published data mixtures, by name: each source's sampling proportion and the epochs it made.
 
-``llama1``: Touvron et al. 2023 (LLaMA), Table 1 — sampling proportion (percent of the 1.4T training
-tokens drawn from the source) and the epochs that gave over the run. The data pipeline writes these into
-the mixture manifest (``mixture.preset=llama1``); the trainer takes them with ``data.preset=llama1``.
+The numbers live in the trainer's data config group, which users select with `data=<file>`; this module
+reads them from there for the data pipeline (`mixture.preset=<name>` in a recipe writes them into the
+mixture manifest), so each mixture is written down once:
+
+- ``llama1``: configs/data/llama1_table1.yaml, Touvron et al. 2023 (LLaMA), Table 1 — sampling proportion
+  (percent of the 1.4T training tokens drawn from the source) and the epochs that gave over the run.
+
 Torch-free.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
-from .fields import ConfigError
+import yaml
+
+from .compose import REPO_CONFIGS
+
+MIXTURE_FILES = {"llama1": REPO_CONFIGS / "data" / "llama1_table1.yaml"}
 
 
 class SourceShare(NamedTuple):
@@ -17,21 +26,11 @@ class SourceShare(NamedTuple):
     epochs: float
 
 
-MIXTURES: dict[str, dict[str, SourceShare]] = {
-    "llama1": {
-        "commoncrawl": SourceShare(67.0, 1.10),
-        "c4": SourceShare(15.0, 1.06),
-        "github": SourceShare(4.5, 0.64),
-        "wikipedia": SourceShare(4.5, 2.45),
-        "books": SourceShare(4.5, 2.23),
-        "arxiv": SourceShare(2.5, 1.06),
-        "stackexchange": SourceShare(2.0, 1.03),
-    },
-}
+def _read(path: Path) -> dict[str, SourceShare]:
+    group = yaml.safe_load(path.read_text())
+    return {name: SourceShare(float(percent), float(group["epochs"][name]))
+            for name, percent in group["weights"].items()}
 
 
-def get_mixture(name: str, field: str) -> dict[str, SourceShare]:
-    """The mixture called `name`; ConfigError naming `field` when there is none."""
-    if name not in MIXTURES:
-        raise ConfigError(f"{field}={name!r} is unknown (known: {', '.join(MIXTURES)})")
-    return MIXTURES[name]
+MIXTURES: dict[str, dict[str, SourceShare]] = {name: _read(path) for name, path in MIXTURE_FILES.items()}
+

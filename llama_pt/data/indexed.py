@@ -31,6 +31,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from ..atomic import fsync, temporary_name
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
@@ -69,9 +71,8 @@ class IndexedDatasetWriter:
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype(vocab_size)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        suffix = f".tmp{os.getpid()}"
-        self._bin_tmp = Path(f"{bin_path(prefix)}{suffix}")
-        self._idx_tmp = Path(f"{idx_path(prefix)}{suffix}")
+        self._bin_tmp = temporary_name(bin_path(prefix))
+        self._idx_tmp = temporary_name(idx_path(prefix))
         self._bin = open(self._bin_tmp, "wb")
         self._sizes = array("q")
         self._done = False
@@ -121,6 +122,7 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(self._idx_tmp, idx_path(self.prefix))
+        fsync(self.prefix.parent)
         self._done = True
 
     def abort(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llama_pt.model import ConfigError
+from ..config import ConfigError
 
 
 class _Indexed(Dataset):

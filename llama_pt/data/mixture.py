@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from llama_pt.model import ConfigError
+from ..atomic import write_text_atomic
+from ..config import ConfigError
 
 from .indexed import PathLike, bin_path, idx_path
 
@@ -95,15 +96,7 @@ def write_manifest(path: PathLike, sources: Sequence[Mapping[str, Any]], tokeniz
                      "weight": s.get("weight"), "epochs": s.get("epochs")} for s in sources],
     }
     _check_manifest(data, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def load_manifest(path: PathLike, check_files: bool = True) -> dict[str, Any]:

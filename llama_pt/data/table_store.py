@@ -3,9 +3,10 @@
 A set is a folder `<root>/<name>/` of `.npy` files, one per array. One process builds it:
   1. it takes the set's file lock `<root>/<name>.lock` (fasteners.InterProcessLock), so that of the
      processes wanting the same missing set one builds it and the others wait, then read its result;
-  2. it writes the files into `<root>/<name>.tmp-<host>-<pid>-<random>/`, fsyncs each file and the
-     folder, renames the folder to `<root>/<name>` in one step and fsyncs the parent.
-A visible set is therefore always complete. A build killed half-way leaves only a `.tmp-` folder,
+  2. it writes the files into a temporary folder beside it (llama_pt.atomic's name,
+     `.<name>.tmp-<host>-<pid>-<random>`), fsyncs each file and the folder, renames the folder to
+     `<root>/<name>` in one step and fsyncs the parent.
+A visible set is therefore always complete. A build killed half-way leaves only a temporary folder,
 which is never read; the next build of that set on the same host removes it (holding the lock, no
 other process on that host can be writing it). Should the lock not reach across hosts on some file
 system, two hosts may build the same set at once: the second rename fails and its result is dropped.
@@ -16,8 +17,6 @@ cache, shared by every process of the machine, and a process holds no copy of it
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import socket
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,15 +24,8 @@ from typing import Callable, Optional
 import fasteners
 import numpy as np
 
+from ..atomic import TMP_MARK, fsync, fsync_tree, leftovers, remove, temporary_name
 from .indexed import PathLike
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TableStore:
@@ -62,25 +54,24 @@ class TableStore:
             if final.is_dir():
                 return False
             host = socket.gethostname()
-            for leftover in final.parent.glob(f"{final.name}.tmp-{host}-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp = final.with_name(f"{final.name}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}")
+            for leftover in leftovers(final):
+                if leftover.name.startswith(f".{final.name}{TMP_MARK}{host}-"):
+                    remove(leftover)
+            tmp = temporary_name(final)
             tmp.mkdir()
             try:
                 write(tmp)
-                for f in tmp.iterdir():
-                    _fsync(f)
-                _fsync(tmp)
+                fsync_tree(tmp)
                 os.rename(tmp, final)
             except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove(tmp)
                 if final.is_dir():
                     return False
                 raise
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove(tmp)
                 raise
-            _fsync(final.parent)
+            fsync(final.parent)
         return True
 
     def load(self, name: str, write: Callable[[Path], None]) -> dict[str, np.ndarray]:

@@ -1,8 +1,11 @@
 """The LLaMA decoder in plain PyTorch (Touvron et al. 2023, Section 2.2).
 
 Read top to bottom: RMSNorm, rotary embeddings, attention with grouped key/value heads, the SwiGLU
-feed-forward, the pre-norm block, and the model. Parallelism and the hand-written backward are applied
-from outside (llama_pt.parallel, llama_pt.ops); nothing here knows about them.
+feed-forward, the pre-norm block, and the model. Parallelism and the activation modes are applied from
+outside (llama_pt.parallel, llama_pt.blocks) by replacing submodules, found by their paths
+(llama_pt.model.module_plan); nothing here knows about them. Every linear layer is an attribute of its
+parent (`layers.3.attention.wq`), which is where a tensor-parallel shard or an adapter takes its place;
+modules are built from their parts so that a replacement can be assembled from an existing one.
 
 Rotary embeddings use the "rotate half" pairing (dimension i with i + head_dim/2), the layout of
 Hugging Face's LlamaForCausalLM, so weights move between the two without permutation.
@@ -18,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import causal_attention
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -69,17 +72,24 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Causal self-attention over grouped key/value heads, with RoPE on queries and keys."""
+
+    def __init__(self, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module, head_dim: int,
+                 backend: str = "sdpa"):
         super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.backend = "sdpa"
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.head_dim = head_dim
+        self.backend = backend  # an attention backend name (llama_pt.ops.attention)
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> "Attention":
+        return cls(nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False),
+                   nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False),
+                   nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False),
+                   nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False), cfg.head_dim)
 
     def project_qkv(self, x):
-        """The three input projections, one call: tensor parallelism fuses their communication here."""
+        """The three input projections, one call: a tensor-parallel subclass fuses their communication here."""
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
@@ -100,14 +110,17 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, w1: nn.Module, w2: nn.Module, w3: nn.Module):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    @classmethod
+    def build(cls, dim: int, hidden_dim: int) -> "FeedForward":
+        return cls(nn.Linear(dim, hidden_dim, bias=False), nn.Linear(hidden_dim, dim, bias=False),
+                   nn.Linear(dim, hidden_dim, bias=False))
 
     def project_in(self, x):
-        """Gate and up projections, one call: tensor parallelism fuses their communication here."""
+        """Gate and up projections, one call: a tensor-parallel subclass fuses their communication here."""
         return self.w1(x), self.w3(x)
 
     def forward(self, x):
@@ -116,14 +129,24 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: h = x + Attn(norm(x)); out = h + FFN(norm(h))."""
+    """Pre-norm residual block: h = x + Attn(norm(x)); out = h + FFN(norm(h)).
 
-    def __init__(self, cfg: ModelConfig):
+    Built from its four parts, so a block that computes the same function differently (the activation
+    modes of llama_pt.blocks) is made from the parts of this one: `type(block)(*block.parts())`.
+    """
+
+    def __init__(self, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm, feed_forward: FeedForward):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.attention_norm, self.attention = attention_norm, attention
+        self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> "TransformerBlock":
+        return cls(RMSNorm(cfg.dim, cfg.norm_eps), Attention.build(cfg), RMSNorm(cfg.dim, cfg.norm_eps),
+                   FeedForward.build(cfg.dim, cfg.ffn_hidden_dim))
+
+    def parts(self) -> tuple[RMSNorm, Attention, RMSNorm, FeedForward]:
+        return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache)
@@ -135,7 +158,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock.build(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -165,7 +188,7 @@ class Llama(nn.Module):
         if start_pos + s > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + s} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s]
-        h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
+        h = self.tok_embeddings(tokens)                       # a pipeline's first stage: the embedding,
+        for i, layer in enumerate(self.layers):                 # every stage: a contiguous run of layers,
             h = layer(h, cos, sin, start_pos, None if caches is None else caches[i])
-        return self.output(self.norm(h))
+        return self.output(self.norm(h))                      # the last stage: the final norm and the head

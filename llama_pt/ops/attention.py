@@ -15,8 +15,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "xformers")
-
 
 @functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
@@ -27,9 +25,9 @@ def xformers_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"model.attention={name!r} is unknown (known: {', '.join(BACKENDS)})")
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """model.attention (one of llama_pt.config.ATTENTION_BACKENDS) on `device`: `auto` picks xformers on
+    CUDA when importable, else sdpa; an explicit xformers needs both."""
     if name == "auto":
         return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
     if name == "xformers" and not (device.type == "cuda" and xformers_available()):

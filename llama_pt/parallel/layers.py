@@ -142,20 +142,38 @@ class _OverlappedColumnParallel(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         group, sp = ctx.group, ctx.sequence_parallel
-        gather = comm.all_gather_seq(x, group, BWD, async_op=True) if sp else None
+        gather = comm.all_gather_seq(x, group, BWD, async_op=True) if sp else comm.Pending(None, lambda: x, "noop")
         # Under autocast the forward ran in the autocast dtype (that of the output gradients).
-        weights = [w.to(grads[0].dtype) for w in weights]
-        with timeline.span("dgrad"):
-            grad_in = torch.matmul(grads[0], weights[0])
-            for g, w in zip(grads[1:], weights[1:]):
-                grad_in.add_(torch.matmul(g, w))
-        full = (gather.wait() if sp else x).to(grads[0].dtype)
-        reduce = (comm.reduce_scatter_seq(grad_in, group, BWD, async_op=True) if sp
-                  else comm.all_reduce(grad_in, group, BWD, async_op=True))
-        grad_weights = [None] * len(weights)
-        with timeline.span("wgrad"):
-            full_2d = full.reshape(-1, full.shape[-1])
-            for i, g in enumerate(grads):
-                if ctx.needs_input_grad[3 + i]:
-                    grad_weights[i] = torch.matmul(g.reshape(-1, g.shape[-1]).t(), full_2d)
-        return (reduce.wait(), None, None, *grad_weights)
+        grad_in, grad_weights = column_parallel_backward(list(grads), weights, gather, group, sp, True,
+                                                         grads[0].dtype, ctx.needs_input_grad[3:])
+        return (grad_in, None, None, *grad_weights)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def column_parallel_backward(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], gather: comm.Pending,
+                             group, sequence_parallel: bool, overlap: bool, dtype: torch.dtype,
+                             needs: Sequence[bool]) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+    """The backward of column-parallel linears Y_i = X W_i^T that share the input X, in the order that
+    hides the input's collectives (the one home of this pattern; the hand-written layer uses it too):
+
+      dgrad = sum_i dY_i W_i   while `gather` (the full input, all-gathered under SP) is in flight;
+      issue reduce-scatter(dgrad) [SP] or all-reduce(dgrad) [TP], asynchronous with `overlap`;
+      dW_i = dY_i^T X          while that reduction is in flight (for the weights in `needs`).
+
+    `grads` are [b, s, out_i] in `dtype`, the matmul dtype; returns this rank's part of dX (a sequence
+    shard under SP) and the weight gradients in the weights' dtypes (None where not needed)."""
+    with timeline.span("dgrad"):
+        grad_in = torch.matmul(grads[0], weights[0].to(dtype))
+        for g, w in zip(grads[1:], weights[1:]):
+            grad_in.add_(torch.matmul(g, w.to(dtype)))
+    full = _flat(gather.wait()).to(dtype)
+    reduce = (comm.reduce_scatter_seq(grad_in, group, BWD, async_op=overlap) if sequence_parallel
+              else comm.all_reduce(grad_in, group, BWD, async_op=overlap))
+    grad_weights: list[Optional[torch.Tensor]] = []
+    with timeline.span("wgrad"):
+        for g, w, need in zip(grads, weights, needs):
+            grad_weights.append(torch.matmul(_flat(g).t(), full).to(w.dtype) if need else None)
+    return reduce.wait(), grad_weights

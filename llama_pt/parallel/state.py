@@ -17,56 +17,35 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
-from ..model.config import ConfigError, ModelConfig
-from .config import ParallelConfig
+from ..config import COMM_BACKENDS, ConfigError, ModelConfig, ParallelConfig
+from ..config.sections import check_choice
 
 
-def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, seq_len: int,
-                    seq_len_field: str = "seq_len") -> None:
-    """Raise ConfigError (one line naming the field) unless `cfg` can shard `model` over `world_size` ranks.
-
-    Pure arithmetic: call it before creating process groups or building the model.
-    """
-    cfg.validate()
-    t = cfg.tensor_parallel
-    if world_size < 1:
-        raise ConfigError(f"world size {world_size} must be positive")
-    if world_size % t:
-        raise ConfigError(f"parallel.tensor_parallel={t} does not divide the world size {world_size}")
-    if model.dim % t:
-        raise ConfigError(f"model.dim={model.dim} is not divisible by parallel.tensor_parallel={t}")
-    if model.n_heads % t:
-        raise ConfigError(f"model.n_heads={model.n_heads} is not divisible by parallel.tensor_parallel={t}")
-    kv = model.kv_heads
-    if kv >= t and kv % t:
-        raise ConfigError(f"model.n_kv_heads={kv} is not divisible by parallel.tensor_parallel={t}")
-    if kv < t and t % kv:
-        raise ConfigError(f"parallel.tensor_parallel={t} is not a multiple of model.n_kv_heads={kv} "
-                          f"(fewer kv heads than TP ranks are replicated)")
-    if model.ffn_hidden_dim % t:
-        raise ConfigError(f"model.ffn_hidden_dim={model.ffn_hidden_dim} (from model.dim, multiple_of, "
-                          f"ffn_dim_multiplier) is not divisible by parallel.tensor_parallel={t}")
-    if model.vocab_size % t:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor_parallel={t}")
-    if cfg.sequence_parallel and seq_len % t:
-        raise ConfigError(f"{seq_len_field}={seq_len} is not divisible by parallel.tensor_parallel={t} "
-                          f"(needed by parallel.sequence_parallel)")
+def resolve_comm_backend(name: str, device: torch.device) -> str:
+    """parallel.backend on `device`: `auto` -> nccl on CUDA, gloo on CPU; an explicit choice must match."""
+    check_choice(name, COMM_BACKENDS, "parallel.backend")
+    if name == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if name == "nccl" and device.type != "cuda":
+        raise ConfigError(f"parallel.backend=nccl needs CUDA, but the device is {device.type}")
+    return name
 
 
 class ParallelState:
     """Owns the TP, DP and kv-replica process groups; passed to DeepSpeed as `mpu`."""
 
-    def __init__(self, cfg: ParallelConfig, model: ModelConfig, seq_len: int, seq_len_field: str = "seq_len",
-                 timeout: Optional[timedelta] = None):
+    def __init__(self, cfg: ParallelConfig, model: ModelConfig, seq_len: int, timeout: Optional[timedelta] = None):
         """`timeout`: the backend's own limit on a collective in the groups created here (torch's default
         when None; new groups do not inherit the default group's)."""
         self.timeout = timeout
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
-        validate_layout(world, cfg, model, seq_len, seq_len_field)
-        self.config, self.model_config, self.seq_len, self.seq_len_field = cfg, model, seq_len, seq_len_field
+        if world % cfg.tensor_parallel:  # the layout was validated for another world (llama_pt.config.resolve)
+            raise ValueError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide this world of {world}")
+        self.config, self.model_config, self.seq_len = cfg, model, seq_len
         self.world_size = world
         self.rank = dist.get_rank() if distributed else 0
         t = cfg.tensor_parallel

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+
+from ..atomic import write_text_atomic
 
 
 @dataclass
@@ -86,7 +87,4 @@ def write_chrome_trace(events: list[Event], path: str | Path, pid: int = 0) -> N
         tid = 1 if "issue" in kinds else 0
         trace.append({"name": first.name, "ph": "X", "pid": pid, "tid": tid, "ts": (first.time_ns - t0) / 1e3,
                       "dur": (last.time_ns - first.time_ns) / 1e3, "args": {"seq": seq}})
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"traceEvents": trace, "events": [asdict(e) for e in events]}))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"traceEvents": trace, "events": [asdict(e) for e in events]}))

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .config import ParallelConfig
+from ..config import ParallelConfig
 from .data_parallel import ADAM_KEYS, init_adamw_state
 from .fragment_tensor import FlatFragment
 from .state import ParallelState

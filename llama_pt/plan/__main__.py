@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..model import ConfigError
+from ..config import ConfigError, compose_config
 from .hardware import get_gpu
 from .report import format_report, make_plan
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 OWN_KEYS = {"gpu": str, "nodes": int, "gpus_per_node": int, "ib_gbps": float}
 
 
@@ -36,17 +34,6 @@ def split_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str], bool]:
         raise ValueError("usage: python -m llama_pt.plan [Hydra overrides] gpu=h100 nodes=N [gpus_per_node=8] "
                          "[ib_gbps=...] [--json]")
     return own, overrides, as_json
-
-
-def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
-    """train.py's config as a plain dict (train.out_dir, an interpolation of Hydra's run dir, is dropped)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    if OmegaConf.is_interpolation(cfg.train, "out_dir"):
-        cfg.train.out_dir = "."
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def main(argv: list[str]) -> int:

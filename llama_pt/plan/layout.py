@@ -1,20 +1,16 @@
-"""What the planner plans for: the composed train.py config plus the machine, checked like train.py checks it.
+"""What the planner plans for: a run's resolved config (llama_pt.config.RunConfig) plus the machine.
 
-`layout_from_config(cfg, world_size, gpus_per_node, device_type)` validates with the trainer's own
-function (llama_pt.train.config.resolve: fields, the parallel layout, the batch split), so a config
-the planner accepts is one train.py accepts, and a bad field fails here with the same one-line
-ConfigError.
+`layout_from_config(run, world_size, gpus_per_node, device_type)` takes the RunConfig the trainer itself
+resolved, or a composed config dict, which it resolves with the same function (llama_pt.config.resolve:
+fields, the parallel layout, the batch split) so that a config the planner accepts is one train.py
+accepts, and a bad field fails here with the same one-line ConfigError.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
-from ..model import ConfigError, ModelConfig
-from ..ops.activation_modes import ACTIVATION_MODES
-from ..train.config import resolve
-
-PRECISIONS = ("bf16", "fp32")
+from ..config import ConfigError, ModelConfig, RunConfig, resolve
 
 
 @dataclass(frozen=True)
@@ -53,29 +49,32 @@ class Layout:
 
 
 def precision_for(train_precision: str, device_type: str) -> str:
-    """train.precision (auto | fp32 | bf16) on a device type -> the planner's bf16 / fp32 conventions."""
+    """train.precision (auto | fp32 | bf16, already validated) on a device type -> the planner's bf16 / fp32.
+    `auto` is bf16 on any GPU the planner models (all have native bf16)."""
     if train_precision == "auto":
         return "bf16" if device_type == "cuda" else "fp32"
-    if train_precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={train_precision!r} is unknown (known: auto, {', '.join(PRECISIONS)})")
     return train_precision
 
 
-def layout_from_config(cfg: Mapping[str, Any], world_size: int, gpus_per_node: int,
+def as_run_config(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int) -> RunConfig:
+    """`cfg` itself when already resolved (for `world_size` processes), else the composed config resolved."""
+    if isinstance(cfg, RunConfig):
+        if cfg.world_size != world_size:
+            raise ValueError(f"the run was resolved for {cfg.world_size} processes, not {world_size}")
+        return cfg
+    return resolve(cfg, world_size)
+
+
+def layout_from_config(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int, gpus_per_node: int,
                        device_type: str = "cuda") -> Layout:
-    """The composed config (a plain dict, as OmegaConf.to_container gives it) on world_size ranks."""
+    """The run (resolved, or a composed config dict as OmegaConf.to_container gives it) on world_size ranks."""
     if world_size < 1 or gpus_per_node < 1:
         raise ConfigError(f"world size {world_size} and gpus per node {gpus_per_node} must be positive")
-    model_values = dict(cfg.get("model") or {})
-    activation = model_values.pop("activation", None) or "none"
-    if activation not in ACTIVATION_MODES:
-        raise ConfigError(f"model.activation={activation!r} is unknown (known: {', '.join(ACTIVATION_MODES)})")
-    run = resolve({**cfg, "model": model_values}, world_size)  # fields, parallel layout, batch split
+    run = as_run_config(cfg, world_size)
     pcfg = run.parallel
     t = pcfg.tensor_parallel
     return Layout(model=run.model, seq_len=run.train.seq_len, micro_batch=run.train.micro_batch_size,
                   global_batch_tokens=run.train.global_batch_tokens, world_size=world_size,
                   gpus_per_node=gpus_per_node, tp=t, sp=pcfg.sequence_parallel and t > 1,
-                  overlap=pcfg.overlap, zero_stage=pcfg.zero_stage, activation=activation,
-                  precision=precision_for(run.train.precision, device_type),
-                  bucket_size=getattr(pcfg, "bucket_size", 500_000_000))
+                  overlap=pcfg.overlap, zero_stage=pcfg.zero_stage, activation=run.activation,
+                  precision=precision_for(run.train.precision, device_type), bucket_size=pcfg.bucket_size)

@@ -7,7 +7,7 @@ gradients 4, moments 8 (the weights are the master copy). ZeRO-1 divides the opt
 data-parallel size, ZeRO-2 also the gradients, ZeRO-3 also the weights.
 
 Activations of one micro-batch (gradient accumulation runs micro-batches one after another):
-n_layers x llama_pt.ops.activation_memory.layer_activation_bytes (the formula of docs/activation_memory.md,
+n_layers x llama_pt.blocks.memory.layer_activation_bytes (the formula of docs/activation_memory.md,
 Korthikanti et al. 2022 Sec. 4 re-derived for the LLaMA layer) plus what lives outside the layers:
 the token batch, the final RMSNorm, the output projection's input and the loss's saved softmax. Under
 `full` recomputation one layer's `none` activations are alive again while its backward runs.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model import ModelConfig
-from ..ops.activation_memory import layer_activation_bytes
+from ..config import ModelConfig
+from ..blocks.memory import layer_activation_bytes
 from .layout import Layout
 
 STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer per parameter

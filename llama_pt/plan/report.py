@@ -1,20 +1,20 @@
 """The plan of a run (memory, step time, communication) and its text report; train.py's start-up check.
 
-    plan = make_plan(cfg_dict, get_gpu("a100_80gb"), world_size=2048, gpus_per_node=8)
+    plan = make_plan(run, get_gpu("a100_80gb"), world_size=2048, gpus_per_node=8)
     print(format_report(plan)); plan.fits
 
-    report = check_fits(cfg_dict, world_size, device)   # in the trainer, before building anything
+    report = check_fits(run, world_size, device)   # in the trainer, before building anything
+
+`run` is the resolved llama_pt.config.RunConfig (or a composed config dict, resolved the same way).
     if not report.fits: raise ConfigError(report.refusal())
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
-from ..model import count_parameters
-from ..ops.activation_modes import ACTIVATION_MODES
-from ..parallel.config import ZERO_STAGES
+from ..config import ACTIVATION_MODES, ZERO_STAGES, RunConfig, count_parameters
 from .hardware import Accelerator, cpu_host, gpu_from_device_name
 from .layout import Layout, layout_from_config
 from .memory import STATE_BYTES, MemoryPlan, local_parameters, memory_plan
@@ -65,7 +65,7 @@ class Plan:
         return out
 
 
-def make_plan(cfg: Mapping[str, Any], gpu: Accelerator, world_size: int, gpus_per_node: int,
+def make_plan(cfg: Union[RunConfig, Mapping[str, Any]], gpu: Accelerator, world_size: int, gpus_per_node: int,
               device_type: str = "cuda") -> Plan:
     layout = layout_from_config(cfg, world_size, gpus_per_node, device_type)
     memory = memory_plan(layout, gpu.reserve_bytes)
@@ -75,7 +75,7 @@ def make_plan(cfg: Mapping[str, Any], gpu: Accelerator, world_size: int, gpus_pe
     return Plan(layout, gpu, memory, by_stage, by_mode, timing)
 
 
-def check_fits(cfg_dict: Mapping[str, Any], world_size: int, device, gpus_per_node: Optional[int] = None) -> Plan:
+def check_fits(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int, device, gpus_per_node: Optional[int] = None) -> Plan:
     """The planner's verdict for this process's device (train.py calls it before building anything).
 
     `device`: a torch.device or name. CUDA: the GPU table entry for the device name, with the memory the
@@ -90,7 +90,7 @@ def check_fits(cfg_dict: Mapping[str, Any], world_size: int, device, gpus_per_no
         gpu = gpu_from_device_name(torch.cuda.get_device_name(device), props.total_memory)
     else:
         gpu = cpu_host(local)
-    return make_plan(cfg_dict, gpu, world_size, local, device.type)
+    return make_plan(cfg, gpu, world_size, local, device.type)
 
 
 def _table(rows: list[tuple[str, str]], indent: str = "  ") -> list[str]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model import flops_per_token
+from ..config import flops_per_token
 from .comm import DPVolume, TPVolume, dp_link, dp_volume, tp_link, tp_volume
 from .hardware import Accelerator
 from .layout import Layout

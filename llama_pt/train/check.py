@@ -12,28 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def compose_config(overrides: list[str], config_dir: Path = REPO_CONFIGS, name: str = "config") -> dict[str, Any]:
-    """The config train.py would see, as a plain dict (hydra.run.dir stands in for the output folder)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def check(config_dict: dict[str, Any], world_size: int) -> str:
-    from .config import resolve
+    from ..config import resolve
     from .data_setup import build_train_data
     run = resolve(config_dict, world_size=world_size)
     build_train_data(run, dp_rank=0, dp_size=run.dp_size, build_index=False)
@@ -50,7 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    from ..model import ConfigError
+    from ..config import ConfigError, compose_config
     try:
         if args.world_size < 1:
             raise ConfigError(f"--world-size={args.world_size} must be positive")

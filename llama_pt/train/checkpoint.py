@@ -35,6 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from ..atomic import fsync, fsync_tree, write_text_atomic
+
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
 PREFIX = "step_"
@@ -129,14 +131,6 @@ def _broadcast_json(value: Any) -> Any:
     return json.loads(bytes(buf.cpu().numpy()).decode())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _single_process_quiet():
     """DCP warns that it runs in one process when no process group exists; that is intended here."""
@@ -151,7 +145,10 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], state: dict[str, Any],
                     keep_last: Optional[int] = None) -> Path:
-    """Write ``root/step_XXXXXXXX`` atomically; every rank calls it (DCP writes each rank's shards)."""
+    """Write ``root/step_XXXXXXXX`` atomically; every rank calls it (DCP writes each rank's shards).
+
+    The temporary folder has one name every rank knows (``.step_XXXXXXXX.tmp``), since all of them write
+    into it; the manifest (llama_pt.atomic) is written last, after every file is fsynced."""
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".{checkpoint_name(step)}.tmp"
@@ -167,17 +164,12 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], state:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        for p in files:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        manifest_tmp = tmp / (MANIFEST + ".tmp")
-        manifest_tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(manifest_tmp, tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         if final.exists():
             remove_checkpoint(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync(root)
         if keep_last:
             for old in list_checkpoints(root)[:-keep_last]:
                 remove_checkpoint(old)

@@ -17,12 +17,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..data import (BlendedSamples, DataConfig, MicroBatchLoader, SequentialWindows, build_train_samples,
-                    format_epoch_table, load_manifest, valid_prefixes)
+from ..config import ConfigError, RunConfig
+from ..data import (BlendedSamples, MicroBatchLoader, SequentialWindows, build_train_samples, format_epoch_table,
+                    load_manifest, valid_prefixes)
 from ..evaluate import evaluate_perplexity
-from ..model import ConfigError
 from ..parallel import FullLogits, ParallelState
-from .config import RunConfig
 
 
 @dataclass
@@ -71,7 +70,7 @@ def prepare_index(samples: BlendedSamples, num_samples: int) -> None:
 def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bool = True) -> TrainData:
     """Open and check the data of `run` for one data-parallel rank; `build_index=False` (the launcher's
     config check) leaves the epoch tables to the trainer."""
-    cfg = DataConfig.from_dict(run.data)
+    cfg = run.data
     if cfg.index_dir is None:
         cfg = dataclasses.replace(cfg, index_dir=str(Path(run.train.out_dir) / "data_index"))
     samples = build_train_samples(cfg, run.train.seq_len)

@@ -2,7 +2,7 @@
 
 torchrun (or launch/torchrun.sh) sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is one
 process and no process group is created. The order is fixed: read the environment, validate the
-config for that world (train.config.resolve: layout and batch split, one ConfigError line naming the
+config for that world (llama_pt.config.resolve: layout and batch split, one ConfigError line naming the
 field) BEFORE any process group exists, then pick the device (CUDA: the GPU numbered LOCAL_RANK),
 init the process group (gloo on CPU, nccl on CUDA; parallel.backend; with a backstop timeout of twice
 fault.collective_timeout_s), and build the ParallelState.
@@ -17,9 +17,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..model import ConfigError
-from ..parallel import ParallelState, resolve_backend
-from .config import RunConfig
+from ..config import ConfigError, RunConfig
+from ..parallel import ParallelState, resolve_comm_backend
 
 
 @dataclass(frozen=True)
@@ -107,13 +106,13 @@ def start(run: RunConfig, env: WorldEnv) -> DistContext:
     device = pick_device(run.train.device, env.local_rank)
     owns = False
     if env.world_size > 1 and not dist.is_initialized():
-        backend = resolve_backend(run.parallel.backend, device)
+        backend = resolve_comm_backend(run.parallel.backend, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 timeout=backstop_timeout(run), **_generation_store(env, backstop_timeout(run)))
         owns = True
-    pstate = ParallelState(run.parallel, run.model, run.train.seq_len, "train.seq_len",
+    pstate = ParallelState(run.parallel, run.model, run.train.seq_len,
                            timeout=backstop_timeout(run) if env.world_size > 1 else None)
     return DistContext(env=env, device=device, pstate=pstate, owns_process_group=owns)
 

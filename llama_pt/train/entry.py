@@ -11,10 +11,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..model import ConfigError
+from ..config import ConfigError, resolve
 from ..plan import check_fits
 from .checkpoint import CheckpointError
-from .config import resolve
 from .distributed import DistContext, WorldEnv, start
 from .preemption import StopSignals
 from .step_guard import TrainingDiverged
@@ -42,7 +41,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             env = WorldEnv.from_environ()
             run = resolve(config_dict, world_size=env.world_size)
             ctx = start(run, env)
-            fit = check_fits(config_dict, env.world_size, ctx.device)  # memory planner (llama_pt.plan)
+            fit = check_fits(run, env.world_size, ctx.device)  # memory planner (llama_pt.plan)
             if not fit.fits:
                 raise ConfigError(fit.refusal())
             from .trainer import Trainer  # heavy imports only once the config is known to be valid

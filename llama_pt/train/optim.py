@@ -8,24 +8,13 @@ head only when ``decay_embeddings`` is set.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..config import OptimConfig
+
 EMBEDDING_NAMES = ("tok_embeddings.weight", "output.weight")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_embeddings: bool = True
-    grad_clip: float = 1.0
-    warmup_steps: int = 2000
-    min_lr_ratio: float = 0.1
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

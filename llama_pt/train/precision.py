@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..model import ConfigError
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)

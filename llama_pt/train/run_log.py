@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from ..atomic import atomic_path
+
 
 class RunLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, config: dict[str, Any],
@@ -90,8 +92,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path

@@ -1,21 +1,22 @@
 """The training loop: one optimizer step = gradient accumulation over micro-batches, clipping, AdamW.
 
-The loop owns the order of things and nothing else: the model comes from llama_pt.model (sharded by
-llama_pt.parallel when tensor-parallel), the data from llama_pt.data (this data-parallel rank's part
-of every global batch), the gradient reduction and optimizer step from a data-parallel engine
-(llama_pt.parallel: all-reduce, or DeepSpeed ZeRO), the schedule from .optim, checkpoints from
-.checkpoint, reporting from .run_log (global rank 0 only). Resume restores weights, optimizer moments,
-the step and the loader counter, so the losses after a restart on the same layout are bitwise those
-of an uninterrupted run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
+Read top to bottom: the Trainer builds its parts, `train_step` is one optimizer step, `fit` runs steps
+until the end and decides when to log, evaluate, checkpoint and stop. The parts own everything else:
+the model (.model_setup: llama_pt.model, sharded by llama_pt.parallel's plan, blocks by activation
+mode), the data (.data_setup: this data-parallel rank's part of every global batch), the gradient
+reduction and optimizer step (a data-parallel engine: all-reduce, or DeepSpeed ZeRO), the schedule
+(.optim), the arithmetic (.precision), checkpoints and RNG (.checkpointing), faults (.fault_policy),
+reporting (.run_log, global rank 0 only). Resume restores weights, optimizer moments, the step and the
+loader counter, so the losses after a restart on the same layout are bitwise those of an uninterrupted
+run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
 
 Faults (docs/fault_tolerance.md): a stop signal (.preemption) ends the loop after the current step
 with a checkpoint; a step whose loss or gradient norm is bad is skipped and too many in a row roll the
-run back to the last checkpoint (.step_guard); a watchdog thread writes this rank's heartbeat and ends
-the process if it waits too long in a collective (.watchdog).
+run back to the last checkpoint; a watchdog thread writes this rank's heartbeat and ends the process if
+it waits too long in a collective.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import math
 import time
@@ -25,25 +26,22 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import RunConfig, count_parameters, flops_per_token
 from ..generate import sample_text
-from ..model import Llama, count_parameters, flops_per_token
-from ..ops.activation_modes import apply_activation_mode
-from ..ops.attention import resolve_backend
-from ..parallel import (CheckpointLayout, PlainDataParallel, full_state_dict, load_full_state_dict, make_loss_fn,
-                        parallelize)
-from ..parallel.inflight import CollectiveTracker
+from ..model import Llama
+from ..parallel import CheckpointLayout, PlainDataParallel, full_state_dict, make_loss_fn
 from ..tokenizer import Tokenizer
-from . import checkpoint as ckpt
-from .config import RunConfig
+from .checkpointing import CheckpointManager, checkpoint_to_resume
 from .data_setup import TrainData, build_train_data
 from .distributed import DistContext, single_process
+from .fault_policy import FaultPolicy
 from .metrics import mfu, peak_flops
+from .model_setup import build_model
 from .optim import build_optimizer, learning_rate
 from .precision import Precision, resolve_precision
 from .preemption import StopSignals
 from .run_log import RunLogger
 from .step_guard import StepGuard, TrainingDiverged
-from .watchdog import Watchdog
 
 
 def autocast_context(device: torch.device, precision: Precision):
@@ -53,63 +51,37 @@ def autocast_context(device: torch.device, precision: Precision):
     return contextlib.nullcontext
 
 
-def _rng_state() -> dict[str, str]:
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def _set_rng_state(state: dict[str, str]) -> None:
-    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(decode(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(decode(state["cuda"]))
-
-
 class Trainer:
     def __init__(self, run: RunConfig, config_dict: dict[str, Any], ctx: Optional[DistContext] = None):
         self.run, self.config_dict = run, config_dict
         self.ctx = ctx or single_process(run)
         self.pstate, self.device = self.ctx.pstate, self.ctx.device
         self.out_dir = Path(run.train.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self._closing = contextlib.ExitStack()
-        f = run.fault
-        self.watchdog = Watchdog(self.out_dir, self.ctx.env.rank, f.collective_timeout_s, f.heartbeat_every_s)
-        self._closing.callback(self.watchdog.close)
-        self.watchdog.start()
+        self.faults = FaultPolicy(run.fault, self.out_dir, self.ctx.env.rank, self.ctx.distributed, self.device)
         try:
             self._build(run)
         except BaseException:
-            self._closing.close()
+            self.faults.close()
             raise
 
     def _build(self, run: RunConfig) -> None:
-        f = run.fault
         self.precision = resolve_precision(self.device, run.train.precision)
         self.data: TrainData = build_train_data(run, dp_rank=self.pstate.dp_rank, dp_size=self.pstate.dp_size)
-        self.resume_from = self.checkpoint_to_resume()
-        torch.manual_seed(run.train.seed)  # the same initial model on every rank
-        model = Llama(run.model).to(self.device)
-        model.set_attention_backend(resolve_backend(run.attention, self.device))
-        model = parallelize(model, self.pstate)
-        model = apply_activation_mode(model, run.activation, self.pstate)
-        if self.resume_from is None and run.train.init_from is not None:
-            self._load_initial_weights(model, run.train.init_from)
+        self.resume_from = checkpoint_to_resume(self.out_dir / "checkpoints", run.train.resume)
+        model = build_model(run, self.pstate, self.device,
+                            init_from=run.train.init_from if self.resume_from is None else None)
         self.loss_fn = make_loss_fn(self.pstate)
         self.optimizer = build_optimizer(model, run.optim)
         self.engine = self._build_engine(model)
         self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, self.precision)
-        self.layout = CheckpointLayout(self.pstate, self.device)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.engine,
+                                             lambda: dict(self.model.named_parameters()),
+                                             CheckpointLayout(self.pstate, self.device), run.model, run.train.keep_last)
         self.step = 0
-        self._saved_at: Optional[int] = None
         self.stop_signals: Optional[StopSignals] = None
-        self.guard = StepGuard(f.spike_zscore, f.spike_window, f.max_bad_steps)
         self.flops_per_token = flops_per_token(run.model, run.train.seq_len)
         self.peak = peak_flops(self.device)
-        if self.ctx.distributed:  # from here on every collective is visible to the watchdog
-            self.watchdog.tracker = self._closing.enter_context(CollectiveTracker().installed())
+        self.faults.watch_collectives()
 
     @property
     def zero(self) -> bool:
@@ -120,6 +92,10 @@ class Trainer:
     def model(self) -> torch.nn.Module:
         return self.engine.module
 
+    @property
+    def guard(self) -> StepGuard:
+        return self.faults.guard
+
     def _build_engine(self, model: torch.nn.Module):
         t, p = self.run.train, self.run.parallel
         gas = self.run.grad_accumulation_steps(self.pstate.dp_size)
@@ -129,72 +105,56 @@ class Trainer:
                                     self.run.optim.grad_clip, bf16=self.precision.bf16)
         return PlainDataParallel(model, self.optimizer, self.pstate, gas, self.run.optim.grad_clip, p.overlap)
 
-    # ---- state ---------------------------------------------------------------------------------
+    # ---- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "loader": self.data.loader.state_dict(), "rng": _rng_state(),
-                "guard": self.guard.state_dict(),
+        return {"step": self.step, "loader": self.data.loader.state_dict(), "guard": self.faults.state_dict(),
                 "model_config": self.run.model.to_dict(), "config": self.config_dict,
                 "layout": {"world_size": self.ctx.env.world_size, "tensor_parallel": self.pstate.tp_size,
                            "data_parallel": self.pstate.dp_size, "zero_stage": self.run.parallel.zero_stage}}
 
-    def _params(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.model.named_parameters())
-
     def save(self) -> Path:
-        self.watchdog.beat(self.step, "checkpoint save")
-        target = self.layout.engine_checkpoint(self.engine, self._params())
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, target.tree, self.trainer_state(),
-                                    keep_last=self.run.train.keep_last)
-        self._saved_at = self.step
-        return path
+        self.faults.beat(self.step, "checkpoint save")
+        return self.checkpoints.save(self.step, self.trainer_state())
 
     def restore(self, path: Path, verified: bool = False, roll_back: bool = False) -> None:
-        """Load a checkpoint; ``verified``: its checksums were just checked (by latest_valid_checkpoint),
-        so they are not computed a second time. ``roll_back``: weights, optimizer, step and RNG only; the
-        data position and the step guard's window stay where they are (the bad batches are not replayed)."""
-        self.watchdog.beat(self.step, "checkpoint load")
-        target = self.layout.engine_checkpoint(self.engine, self._params())
-        if verified:
-            state = ckpt.read_trainer_state(path)
-            ckpt.load_verified(path, target.tree)
-        else:
-            state = ckpt.load_checkpoint(path, target.tree)
-        if state["model_config"] != self.run.model.to_dict():
-            raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model config")
-        target.loaded()
-        self.step = self._saved_at = state["step"]
+        """Load a checkpoint; ``verified``: its checksums were just checked (by latest_valid_checkpoint).
+        ``roll_back``: weights, optimizer, step and RNG only; the data position and the step guard's window
+        stay where they are (the bad batches are not replayed)."""
+        self.faults.beat(self.step, "checkpoint load")
+        state = self.checkpoints.restore(path, verified)
+        self.step = state["step"]
         if not roll_back:
             self.data.loader.load_state_dict(state["loader"])
             if "guard" in state:
-                self.guard.load_state_dict(state["guard"])
-        _set_rng_state(state["rng"])
+                self.faults.load_state_dict(state["guard"])
 
-    def _load_initial_weights(self, model: torch.nn.Module, folder: str) -> None:
-        """Continue pretraining from a Hugging Face Llama folder (train.init_from), into this rank's shards."""
-        from ..hf_interop import import_hf
-        _, weights = import_hf(folder)
-        load_full_state_dict(model, {k: v.float() for k, v in weights.items()})
+    def roll_back(self, log: RunLogger) -> None:
+        """After fault.max_bad_steps skipped steps in a row: back to the newest valid checkpoint."""
+        bad, last_bad = self.faults.bad_in_row, self.step
+        self.faults.beat(self.step, "roll-back")
+        path = self.checkpoints.latest_valid(log=log.message)
+        if path is None:
+            raise TrainingDiverged(f"{bad} bad steps in a row up to step {last_bad} (fault.max_bad_steps="
+                                   f"{self.run.fault.max_bad_steps}) and no checkpoint in "
+                                   f"{self.checkpoints.folder} to roll back to")
+        self.faults.rolled_back()
+        self.restore(path, verified=True, roll_back=True)
+        log.log(self.step, {"rolled_back_from": last_bad, "rolled_back_to": path.name})
+        log.message(f"{bad} bad steps in a row up to step {last_bad}: rolled back to {path} (step {self.step}); "
+                    f"training goes on with the data after the bad batches")
 
-    def checkpoint_to_resume(self) -> Optional[Path]:
-        resume = self.run.train.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return ckpt.latest_valid_checkpoint(self.ckpt_dir)
-        return Path(resume)
-
-    # ---- loop ----------------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches. Returns the global mean loss, lr, grad norm,
-        `skipped` (why the update was skipped, or None: .step_guard) and `stop` (all ranks agreed to stop
-        after this step because one of them received a stop signal: self.stop_signals)."""
+        `skipped` (why the update was skipped, or None) and `stop` (all ranks agreed to stop after this
+        step because one of them received a stop signal: self.stop_signals)."""
         stop_requested = self.stop_signals is not None and self.stop_signals.requested
         self.model.train()
         n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         skipped, stop, mean_loss = None, False, math.nan
         for i, batch in enumerate(micro_batches):
-            self.watchdog.beat(self.step + 1, f"forward/backward {i + 1}/{n}")
+            self.faults.beat(self.step + 1, f"forward/backward {i + 1}/{n}")
             batch = batch.to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with self.autocast():
@@ -203,17 +163,15 @@ class Trainer:
             loss_sum += loss.detach().float()
             if i == n - 1:  # the global loss is known before the last backward: decide now
                 mean_loss = self._global_mean(loss_sum / n)
-                skipped, stop = self._agree(self.guard.check_loss(mean_loss), stop_requested)
+                skipped, stop = self.faults.decide(self.step + 1, mean_loss, stop_requested)
                 if skipped is not None:
                     loss = loss * math.nan  # non-finite gradients: every engine then skips the update
             self.engine.backward(loss, last=i == n - 1)
         lr = learning_rate(self.step, self.run.train.steps, self.run.optim)
-        self.watchdog.beat(self.step + 1, "optimizer step")
+        self.faults.beat(self.step + 1, "optimizer step")
         grad_norm = self.engine.step(lr)
-        if skipped is None:
-            skipped = self.guard.check_grad_norm(grad_norm)
         self.step += 1
-        self.guard.record(mean_loss, skipped)
+        skipped = self.faults.after_update(mean_loss, grad_norm, skipped)
         return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
 
     def _global_mean(self, local_mean: torch.Tensor) -> float:
@@ -222,33 +180,6 @@ class Trainer:
             dist.all_reduce(local_mean, group=self.pstate.dp_group)
             local_mean /= self.pstate.dp_size
         return local_mean.item()
-
-    def _agree(self, skip: Optional[str], stop: bool) -> tuple[Optional[str], bool]:
-        """Every rank takes the same two decisions (MAX over the world): skip this update? stop after it?
-        A signal reaches the ranks at different moments; the loss checks agree by construction."""
-        if not self.ctx.distributed:
-            return skip, stop
-        self.watchdog.beat(self.step + 1, "step agreement")
-        flags = torch.tensor([skip is not None, stop], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        any_skip, any_stop = (bool(v) for v in flags.tolist())
-        if any_skip and skip is None:
-            skip = "skipped by another rank's check"
-        return skip, any_stop
-
-    def roll_back(self, log: RunLogger) -> None:
-        """After fault.max_bad_steps skipped steps in a row: back to the newest valid checkpoint."""
-        bad, last_bad = self.guard.bad_in_row, self.step
-        self.watchdog.beat(self.step, "roll-back")
-        path = ckpt.latest_valid_checkpoint(self.ckpt_dir, log=log.message)
-        if path is None:
-            raise TrainingDiverged(f"{bad} bad steps in a row up to step {last_bad} (fault.max_bad_steps="
-                                   f"{self.run.fault.max_bad_steps}) and no checkpoint in {self.ckpt_dir} to roll back to")
-        self.guard.rolled_back()
-        self.restore(path, verified=True, roll_back=True)
-        log.log(self.step, {"rolled_back_from": last_bad, "rolled_back_to": path.name})
-        log.message(f"{bad} bad steps in a row up to step {last_bad}: rolled back to {path} (step {self.step}); "
-                    f"training goes on with the data after the bad batches")
 
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.data.valid is None:
@@ -270,11 +201,55 @@ class Trainer:
         tokenizer = Tokenizer(self.data.tokenizer_path)
         return sample_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, seed=t.seed)
 
+    # ---- the run -------------------------------------------------------------------------------
     def fit(self, resumed_from: Optional[Path] = None, stop: Optional[StopSignals] = None) -> dict[str, Any]:
         """Train until train.steps (or train.exit_interval, or a stop signal); call restore() first to resume."""
         t = self.run.train
         log = RunLogger(self.out_dir, t.steps, self.step, self.config_dict, self.run.logging.get("wandb", {}),
                         enabled=self.ctx.is_coordinator)
+        self._log_start(log, resumed_from)
+        window = _ThroughputWindow()
+        batches: Iterator[list[torch.Tensor]] = iter(self.data.loader)
+        self.stop_signals = stop
+        stopped_by = ""
+        while self.step < t.steps:
+            with window.timing():
+                metrics = self.train_step(next(batches))
+            log.advance()
+            skipped, stop_agreed = metrics.pop("skipped"), metrics.pop("stop")
+            is_last = self.step == t.steps
+            log_due = bool(t.log_every) and (self.step % t.log_every == 0 or is_last)
+            if skipped is not None:
+                log.message(f"step {self.step} skipped, no update: {skipped}")
+                if not log_due or self.faults.should_roll_back:
+                    log.log(self.step, {**metrics, "skipped": skipped})
+            if self.faults.should_roll_back:
+                self.roll_back(log)
+                continue
+            if log_due:
+                log.log(self.step, {**metrics, **self._throughput(window.take()),
+                                    **({"skipped": skipped} if skipped is not None else {})})
+            if t.eval_every and (self.step % t.eval_every == 0 or is_last):
+                self._evaluate_and_log(log)
+            if not is_last and stop_agreed:
+                stopped_by = stop.name if stop is not None and stop.requested else "a stop signal on another rank"
+            elif not is_last and t.exit_interval and self.step % t.exit_interval == 0:
+                stopped_by = f"train.exit_interval={t.exit_interval}"
+            if (t.ckpt_every and (self.step % t.ckpt_every == 0 or is_last)) or stopped_by:
+                self._save_and_log(log)
+            if stopped_by:
+                log.message(f"exiting at step {self.step} ({stopped_by}); train.resume=auto continues from here")
+                break
+        self.faults.beat(self.step, "finished" if not stopped_by else "stopped")
+        sample = None if stopped_by else self.sample()
+        if sample is not None:
+            log.message(f"sample: {sample!r}")
+        curve = log.close()
+        return {"step": self.step, "loss_curve": curve, "out_dir": self.out_dir, "sample": sample,
+                "finished": not stopped_by, "stopped_by": stopped_by}
+
+    def _log_start(self, log: RunLogger, resumed_from: Optional[Path]) -> None:
+        t = self.run.train
         log.message(f"model: {count_parameters(self.run.model):,} parameters on {self.device}; "
                     f"{self.run.grad_accumulation_steps(self.pstate.dp_size)} micro-batches of "
                     f"{t.micro_batch_size} per step; {self.precision.name}; {self.describe_layout()}\n"
@@ -283,62 +258,31 @@ class Trainer:
             log.message(self.precision.note)
         if resumed_from is not None:
             log.message(f"resumed from {resumed_from} at step {self.step}")
-        window_seconds, window_steps = 0.0, 0  # time in training steps only (data, forward, backward, update)
-        batches: Iterator[list[torch.Tensor]] = iter(self.data.loader)
-        self.stop_signals = stop
-        stopped_by = ""
-        while self.step < t.steps:
-            started = time.perf_counter()
-            metrics = self.train_step(next(batches))
-            window_seconds += time.perf_counter() - started
-            window_steps += 1
-            log.advance()
-            skipped, stop_agreed = metrics.pop("skipped"), metrics.pop("stop")
-            is_last = self.step == t.steps
-            log_due = bool(t.log_every) and (self.step % t.log_every == 0 or is_last)
-            if skipped is not None:
-                log.message(f"step {self.step} skipped, no update: {skipped}")
-                if not log_due or self.guard.should_roll_back:
-                    log.log(self.step, {**metrics, "skipped": skipped})
-            if self.guard.should_roll_back:
-                self.roll_back(log)
-                continue
-            if log_due:
-                tps = window_steps * t.global_batch_tokens / window_seconds
-                metrics.update(tokens_per_s=tps, step_time_s=window_seconds / window_steps)
-                utilisation = mfu(tps, self.flops_per_token, self.ctx.env.world_size, self.peak)
-                if utilisation is not None:
-                    metrics["mfu"] = utilisation
-                if skipped is not None:
-                    metrics["skipped"] = skipped
-                log.log(self.step, metrics)
-                window_seconds, window_steps = 0.0, 0
-            if t.eval_every and (self.step % t.eval_every == 0 or is_last):
-                self.watchdog.beat(self.step, "evaluation")
-                started = time.perf_counter()
-                valid = self.evaluate()
-                if valid is not None:
-                    log.log(self.step, {**valid, "eval_s": time.perf_counter() - started})
-            if not is_last and stop_agreed:
-                stopped_by = stop.name if stop is not None and stop.requested else "a stop signal on another rank"
-            elif not is_last and t.exit_interval and self.step % t.exit_interval == 0:
-                stopped_by = f"train.exit_interval={t.exit_interval}"
-            if (t.ckpt_every and (self.step % t.ckpt_every == 0 or is_last)) or stopped_by:
-                if self._saved_at != self.step:
-                    started = time.perf_counter()
-                    path = self.save()
-                    log.log(self.step, {"ckpt_s": time.perf_counter() - started})
-                    log.message(f"saved {path}")
-            if stopped_by:
-                log.message(f"exiting at step {self.step} ({stopped_by}); train.resume=auto continues from here")
-                break
-        self.watchdog.beat(self.step, "finished" if not stopped_by else "stopped")
-        sample = None if stopped_by else self.sample()
-        if sample is not None:
-            log.message(f"sample: {sample!r}")
-        curve = log.close()
-        return {"step": self.step, "loss_curve": curve, "out_dir": self.out_dir, "sample": sample,
-                "finished": not stopped_by, "stopped_by": stopped_by}
+
+    def _throughput(self, window: tuple[int, float]) -> dict[str, float]:
+        """tokens/s, step time and MFU over the training steps of the window (no evaluation, no checkpoints)."""
+        steps, seconds = window
+        tps = steps * self.run.train.global_batch_tokens / seconds
+        out = {"tokens_per_s": tps, "step_time_s": seconds / steps}
+        utilisation = mfu(tps, self.flops_per_token, self.ctx.env.world_size, self.peak)
+        if utilisation is not None:
+            out["mfu"] = utilisation
+        return out
+
+    def _evaluate_and_log(self, log: RunLogger) -> None:
+        self.faults.beat(self.step, "evaluation")
+        started = time.perf_counter()
+        valid = self.evaluate()
+        if valid is not None:
+            log.log(self.step, {**valid, "eval_s": time.perf_counter() - started})
+
+    def _save_and_log(self, log: RunLogger) -> None:
+        if self.checkpoints.saved_at == self.step:
+            return
+        started = time.perf_counter()
+        path = self.save()
+        log.log(self.step, {"ckpt_s": time.perf_counter() - started})
+        log.message(f"saved {path}")
 
     def describe_layout(self) -> str:
         p = self.pstate
@@ -348,4 +292,23 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
-        self._closing.close()
+        self.faults.close()
+
+
+class _ThroughputWindow:
+    """Steps and seconds spent in training steps since the last `take()`."""
+
+    def __init__(self):
+        self.steps, self.seconds = 0, 0.0
+
+    @contextlib.contextmanager
+    def timing(self):
+        started = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - started
+        self.steps += 1
+
+    def take(self) -> tuple[int, float]:
+        window = (self.steps, self.seconds)
+        self.steps, self.seconds = 0, 0.0
+        return window

@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..atomic import write_text_atomic
 from ..parallel.inflight import CollectiveTracker, compact_ranks
 
 HUNG_EXIT_STATUS = 3
@@ -37,9 +38,7 @@ def heartbeat_dir(out_dir: str | Path) -> Path:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record), durable=False)  # rewritten every few seconds
 
 
 def read_heartbeats(folder: Path) -> list[dict[str, Any]]:

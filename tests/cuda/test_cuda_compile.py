@@ -1,5 +1,5 @@
 """torch.compile of the hand-written layer's elementwise pieces (RMSNorm, RoPE, SwiGLU, forward and
-backward: llama_pt.ops.layer_backward.compile_elementwise) on a CUDA GPU: compiled equals eager.
+backward: llama_pt.blocks.selective.compile_elementwise) on a CUDA GPU: compiled equals eager.
 
 Tolerance for bf16 inputs, u = 2^-8: eager rounds every intermediate bf16 result, while a fused kernel
 evaluates the chain in float32 and rounds once when it stores. Each piece has at most two bf16
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from cuda_tolerances import LAYER_GRAD_RTOL, LAYER_LOSS_RTOL, U_BF16, rel_err
 from llama_pt.model import Llama, ModelConfig
 from llama_pt.model.llama import rope_tables
-from llama_pt.ops import layer_backward
-from llama_pt.ops.activation_modes import apply_activation_mode
+from llama_pt.blocks import selective as layer_backward
+from llama_pt.blocks import apply_activation_mode
 
 pytestmark = pytest.mark.cuda
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from cuda_tolerances import LAYER_GRAD_RTOL, LAYER_LOSS_RTOL, rel_err
 from llama_pt.model import Llama, ModelConfig
-from llama_pt.ops.activation_modes import apply_activation_mode
+from llama_pt.blocks import apply_activation_mode
 from llama_pt.ops.attention import xformers_available
-from llama_pt.ops.layer_backward import layer_spec
+from llama_pt.blocks.selective import layer_spec
 
 pytestmark = pytest.mark.cuda
 

@@ -6,7 +6,7 @@ import re
 import signal
 import time
 
-from runs import heartbeat, start_torchrun, wait_for
+from support.fault_runs import heartbeat, start_torchrun, wait_for
 from llama_pt.train.watchdog import HUNG_EXIT_STATUS, main as heartbeats_main
 
 TIMEOUT_S = 3

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from runs import assert_bitwise_equal, final_state, heartbeat, start_torchrun, wait_for
+from support.fault_runs import assert_bitwise_equal, final_state, heartbeat, start_torchrun, wait_for
 from llama_pt.train.checkpoint import list_checkpoints, verify_checkpoint
 
 KILLS = 20

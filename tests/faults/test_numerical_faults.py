@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from injection import InjectingLoader, bitwise_equal, poison_embedding, poisoned, random_tokens, snapshot
+from support.injection import InjectingLoader, bitwise_equal, poison_embedding, poisoned, random_tokens, snapshot
 from support import make_config
 from llama_pt.train.checkpoint import list_checkpoints, load_checkpoint
-from llama_pt.train.config import resolve
+from llama_pt.config import resolve
 from llama_pt.train.step_guard import TrainingDiverged
 from llama_pt.train.trainer import Trainer
 

@@ -1,15 +1,14 @@
 """Numerical faults across ranks (torchrun, 2 gloo processes): a NaN on ONE data-parallel rank, or a spike,
 makes EVERY rank skip the same step with no update, with the all-reduce engine, DeepSpeed ZeRO-1 and TP=2."""
 import json
-import os
-import subprocess
-import sys
 
 from omegaconf import OmegaConf
 
-from support import REPO, make_config
+from support import make_config
+from support.torchrun import run_torchrun
+from support.workers import WORKERS
 
-WORKER = REPO / "tests" / "faults" / "fault_worker.py"
+WORKER = WORKERS / "fault_worker.py"
 
 
 def test_every_rank_skips_the_same_steps(tmp_path, token_corpus):
@@ -17,10 +16,8 @@ def test_every_rank_skips_the_same_steps(tmp_path, token_corpus):
                       "fault.heartbeat_every_s=0.5", "data.valid_manifest=null")
     base = tmp_path / "base.json"
     base.write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'faults'}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(WORKER), "--out", str(tmp_path), "--base", str(base)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = run_torchrun(WORKER, "--out", tmp_path, "--base", base, nproc=2, env={"OMP_NUM_THREADS": "1"},
+                        timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     for case in ("dp2_z0", "dp2_z1", "tp2_z0"):
         ranks = [json.loads((tmp_path / f"{case}.rank{r}.json").read_text()) for r in (0, 1)]

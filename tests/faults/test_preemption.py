@@ -4,7 +4,7 @@ The SLURM path (pre-timeout USR1 through train.sbatch, then requeue) is in tests
 import os
 import signal
 
-from runs import assert_bitwise_equal, final_state, heartbeat, start_torchrun, wait_for
+from support.fault_runs import assert_bitwise_equal, final_state, heartbeat, start_torchrun, wait_for
 from support import make_config
 from llama_pt.train.checkpoint import list_checkpoints, verify_checkpoint
 from llama_pt.train.entry import run_training

@@ -6,7 +6,7 @@ import pytest
 
 from llama_pt.model import ConfigError
 from llama_pt.train.step_guard import StepGuard, TrainingDiverged
-from llama_pt.train.config import FaultConfig, validate_fault
+from llama_pt.config.sections import FaultConfig, validate_fault
 
 
 def test_zscore_matches_numpy_and_needs_a_full_window():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llama_pt.model import Llama, ModelConfig
-from llama_pt.ops.activation_memory import layer_activation_bytes, measure_saved_bytes
-from llama_pt.ops.activation_modes import ACTIVATION_MODES, apply_activation_mode
+from llama_pt.blocks.memory import layer_activation_bytes, measure_saved_bytes
+from llama_pt.blocks.modes import ACTIVATION_MODES, apply_activation_mode
 
 SEQ, BATCH = 32, 2
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16_autocast": torch.float32}

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from llama_pt.model import ConfigError, Llama, ModelConfig
 from llama_pt.model.llama import TransformerBlock, rope_tables
-from llama_pt.ops.activation_modes import CheckpointedBlock, apply_activation_mode
-from llama_pt.ops.layer_backward import LayerSpec, SelectiveBlock, _AttentionHalf, _MLPHalf
+from llama_pt.blocks import CheckpointedBlock, apply_activation_mode
+from llama_pt.blocks.selective import LayerSpec, SelectiveBlock, _AttentionHalf, _MLPHalf
 
 REALISTIC = ModelConfig(dim=256, n_heads=8, n_kv_heads=2, n_layers=2, vocab_size=512, multiple_of=64, max_seq_len=128)
 TINY = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=256, multiple_of=32, max_seq_len=64)
@@ -119,7 +119,7 @@ def _rms_norm_backward_without_projection(dy, x, normed, rstd, weight, need_weig
 def test_a_wrong_rms_norm_backward_fails_the_comparisons(monkeypatch, precision):
     """The tolerances above catch a wrong backward: the layer module's RMSNorm backward (looked up as a
     module global, as compile_elementwise replaces it) is swapped for one without its projection term."""
-    import llama_pt.ops.layer_backward as layer_backward
+    import llama_pt.blocks.selective as layer_backward
     monkeypatch.setattr(layer_backward, "rms_norm_backward", _rms_norm_backward_without_projection)
     cfg, tokens = _fp32_case() if precision == "fp32" else _bf16_case()
     _, _, error, worst = _worst_gradient_error(cfg, "selective", tokens, autocast=precision == "bf16")

@@ -1,20 +1,17 @@
 """The hand-written layer at TP=2 and TP=2+SP (torchrun, gloo): gradients, memory, communication, overlap.
 
-One 2-process launch runs every case of layer_dist_worker.py; the tests below check what it wrote.
+One 2-process launch runs every case of tests/support/workers/layer_dist_worker.py; the tests below
+check what it wrote.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+from support.torchrun import torchrun_results
+from support.workers import WORKERS
+
 CASES = ["tp2", "tp2_sp", "tp2_sp_gqa", "tp2_sp_kv1", "tp2_kv1_no_overlap", "tp2_sp_no_overlap", "tp2_sp_bf16"]
 FP32_REL_TOL = 1e-5
 # bf16 autocast against the one-process bf16 run: besides the roundings both sides share, each TP rank
@@ -31,13 +28,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[tuple[str, int, dict]]:
     out = tmp_path_factory.mktemp("layer_dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "layer_dist_worker.py"), "--out", str(out), "--cases", *CASES]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return [(case, rank, results[rank][case]) for rank in range(2) for case in CASES]
+    results = torchrun_results(WORKERS / "layer_dist_worker.py", out, CASES, nproc=2, timeout=300)
+    return [(case, rank, results[case][rank]) for rank in range(2) for case in CASES]
 
 
 def test_every_mode_matches_one_process_and_selective_matches_autograd(runs):

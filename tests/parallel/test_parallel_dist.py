@@ -1,20 +1,19 @@
 """Real multi-process runs (torchrun, gloo): TP / TP+SP / kv replication / TP x DP against one process.
 
-Two launches (2 and 4 processes) run every case of dist_worker.py; the tests below check what they wrote.
+Two launches (2 and 4 processes) run every case of tests/support/workers/dist_worker.py; the tests
+below check what they wrote.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+from support.torchrun import torchrun_results
+from support.workers import WORKERS
+
 TWO = ["tp2", "tp2_no_overlap", "tp2_sp", "tp2_sp_no_overlap", "tp2_kv1", "tp2_sp_kv1", "tp2_sp_bf16"]
 FOUR = ["tp2", "tp2_sp", "tp4_sp_kv2"]  # with 4 processes tp2 is TP=2 x DP=2
 FP32_REL_TOL, FP64_ABS_TOL = 1e-5, 1e-12
@@ -27,22 +26,15 @@ BF16_REL_TOL = {"loss": 2e-4, "logits": 1e-2, "grad": 2e-2}
 pytestmark = pytest.mark.slow
 
 
-def _launch(nproc: int, cases: list[str], out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "dist_worker.py"), "--out", str(out), "--cases", *cases]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[tuple[str, int, dict]]:
     """(case, global rank, result) for every rank of both launches."""
     out = []
     for nproc, cases in ((2, TWO), (4, FOUR)):
-        for rank, results in enumerate(_launch(nproc, cases, tmp_path_factory.mktemp(f"np{nproc}"))):
-            out.extend((f"{case}@{nproc}", rank, results[case]) for case in cases)
+        results = torchrun_results(WORKERS / "dist_worker.py", tmp_path_factory.mktemp(f"np{nproc}"), cases,
+                                   nproc=nproc, timeout=300)
+        for rank in range(nproc):
+            out.extend((f"{case}@{nproc}", rank, results[case][rank]) for case in cases)
     return out
 
 

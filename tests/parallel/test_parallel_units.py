@@ -9,8 +9,10 @@ import torch.nn.functional as F
 import yaml
 
 from llama_pt.model import ConfigError, Llama, ModelConfig
-from llama_pt.parallel import (COMM_COUNTER, ParallelConfig, ParallelState, ShardSpec, full_state_dict,
-                               load_full_state_dict, make_loss_fn, parallelize, resolve_backend, validate_layout)
+from llama_pt.parallel import (COMM_COUNTER, ParallelState, ShardSpec, full_state_dict,
+                               load_full_state_dict, make_loss_fn, parallelize)
+from llama_pt.parallel import resolve_comm_backend as resolve_backend
+from llama_pt.config import ParallelConfig, validate_layout
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=512, multiple_of=32, max_seq_len=64)

@@ -1,9 +1,9 @@
 """The trainer across processes (torchrun, gloo): TP x DP with all-reduce and DeepSpeed ZeRO-1/2 against one process.
 
-Two launches of train_worker.py run the real Trainer: 4 processes (TP=2 x DP=2, with and without
-sequence parallelism; it also saves the checkpoints) and then 2 processes (DP=2 per ZeRO stage and
-overlap setting; resumes of the 4-process checkpoint at TP=1 x DP=2 and TP=2 x DP=1). One process
-(here) gives the reference losses and the TP=1 x DP=1 resume. Tolerances (fp32 on CPU):
+Two launches of tests/support/workers/train_worker.py run the real Trainer: 4 processes (TP=2 x DP=2,
+with and without sequence parallelism; it also saves the checkpoints) and then 2 processes (DP=2 per
+ZeRO stage and overlap setting; resumes of the 4-process checkpoint at TP=1 x DP=2 and TP=2 x DP=1).
+One process (here) gives the reference losses and the TP=1 x DP=1 resume. Tolerances (fp32 on CPU):
 - one step, same model and global batch: loss, global gradient norm and every gradient to relative 1e-5;
 - 20 training steps: every loss to relative 1e-5 of the single-process loss (measured: <= 1e-6);
 - resume of the TP=2 x DP=2 checkpoint: at the same layout bitwise equal to the uninterrupted run;
@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama_pt.train.check import compose_config
-from llama_pt.train.config import resolve
+from llama_pt.config import compose_config
+from llama_pt.config import resolve
 from llama_pt.train.trainer import Trainer
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-from train_worker import with_overrides  # noqa: E402
+from support.torchrun import torchrun_results
+from support.workers import WORKERS
+from support.workers.train_worker import with_overrides
 
 FOUR = ["tp2dp2_z1", "tp2dp2_sp_z2", "tp2dp2_z0", "tp2dp2_z1_resume"]
 TWO = ["dp2_z1", "dp2_z2", "dp2_z1_no_overlap", "dp2_z2_no_overlap", "dp2_z0", "dp2_z0_no_overlap", "dp2_z2_bf16",
@@ -56,13 +51,8 @@ def base_config(token_corpus) -> dict:
 
 
 def _launch(nproc: int, cases: list[str], out: Path, base: Path, resume_from: Path) -> dict[str, list[dict]]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "train_worker.py"), "--out", str(out), "--base", str(base), "--cases", *cases,
-           "--resume-from", str(resume_from)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {c: [json.loads((out / f"{c}.rank{r}.json").read_text()) for r in range(nproc)] for c in cases}
+    return torchrun_results(WORKERS / "train_worker.py", out, cases, "--base", base, "--resume-from", resume_from,
+                            nproc=nproc, timeout=400)
 
 
 def _single(cfg: dict) -> dict:

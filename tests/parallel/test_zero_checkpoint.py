@@ -1,8 +1,8 @@
 """ZeRO checkpoints written from each rank's partition: no collective per tensor, bitwise resume, any layout.
 
 Unit tests (one process): the rectangles of a flat range, and FragmentTensor through DCP against plain
-tensors. One torchrun launch of zero_checkpoint_worker.py (2 processes) runs the real Trainer:
-ZeRO-1 and ZeRO-2 at DP=2 save at step 4 and go on to step 8; the resumes start from those
+tensors. One torchrun launch of tests/support/workers/zero_checkpoint_worker.py (2 processes) runs the
+real Trainer: ZeRO-1 and ZeRO-2 at DP=2 save at step 4 and go on to step 8; the resumes start from those
 checkpoints. One process (here) resumes them at DP=1 without ZeRO.
 - The collectives issued by a save are the same list for the tiny model (21 parameters) and for the
   "odd" one (30), with no tensor collective among them: 3 barriers and DCP's plan and result exchange
@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,17 +31,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from llama_pt.parallel.fragment_tensor import FlatFragment, FragmentTensor, flat_range_rectangles
-from llama_pt.train.check import compose_config
-from llama_pt.train.config import resolve
+from llama_pt.config import compose_config
+from llama_pt.config import resolve
+from llama_pt.train.checkpoint import SafeFileSystemReader
 from llama_pt.train.trainer import Trainer
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-from train_worker import with_overrides  # noqa: E402
-from zero_checkpoint_worker import CASES, RESUME_STEP  # noqa: E402
-
-from llama_pt.train.checkpoint import SafeFileSystemReader  # noqa: E402
+from support.torchrun import torchrun_results
+from support.workers import WORKERS
+from support.workers.train_worker import with_overrides
+from support.workers.zero_checkpoint_worker import CASES, RESUME_STEP
 
 RESHARD_TOL = 1e-5
 TENSOR_OPS = {"all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "all_gather_single", "all_gather",
@@ -130,14 +124,8 @@ def runs(tmp_path_factory, token_corpus) -> dict:
     out = tmp_path_factory.mktemp("zero_checkpoint")
     base = base_config(token_corpus)
     (out / "base.json").write_text(json.dumps(base))
-    cases = list(CASES)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "zero_checkpoint_worker.py"), "--out", str(out), "--base", str(out / "base.json"),
-           "--cases", *cases]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    results = {c: [json.loads((out / f"{c}.rank{r}.json").read_text()) for r in range(2)] for c in cases}
+    results = torchrun_results(WORKERS / "zero_checkpoint_worker.py", out, list(CASES), "--base", out / "base.json",
+                               nproc=2, timeout=600)
     for case in ("dp2_z1", "dp2_z2", "dp2_z1_odd"):
         overrides = {k: v for k, v in CASES[case][0].items() if k.startswith("model.")}
         name = "tp1dp1_from_" + case.removeprefix("dp2_")

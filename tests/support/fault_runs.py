@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from support import REPO
 from llama_pt.train.checkpoint import list_checkpoints
+from support import REPO
+from support.torchrun import popen_torchrun
 
 
 def overrides(token_corpus, out_dir: Path, *extra: str) -> list[str]:
@@ -25,13 +24,11 @@ def overrides(token_corpus, out_dir: Path, *extra: str) -> list[str]:
 def start_torchrun(token_corpus, out_dir: Path, *extra: str, nproc: int = 2, max_restarts: int = 0,
                    log: Optional[Path] = None) -> subprocess.Popen:
     """torchrun --standalone train.py in its own session (so a test can signal the agent alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.1", str(REPO / "train.py"),
-           *overrides(token_corpus, out_dir, *extra)]
     sink = open(log, "w") if log is not None else subprocess.PIPE
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return popen_torchrun(REPO / "train.py", *overrides(token_corpus, out_dir, *extra), nproc=nproc,
+                          flags=[f"--max-restarts={max_restarts}", "--monitor-interval=0.1"],
+                          env={"OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"},
+                          stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def heartbeat(out_dir: Path, rank: int) -> Optional[dict]:

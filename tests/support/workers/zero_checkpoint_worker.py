@@ -26,17 +26,17 @@ import torch.distributed as dist
 
 from llama_pt.parallel.comm_trace import interposed
 from llama_pt.parallel.inflight import WATCHED
-from llama_pt.train.config import resolve
+from llama_pt.config import resolve
 from llama_pt.train.distributed import WorldEnv, start
 from llama_pt.train.trainer import Trainer
-from train_worker import with_overrides
+from support.workers.train_worker import with_overrides
 
 Z = "parallel.zero_stage"
 RESUME_STEP = 4
 STRAIGHT = {"train.steps": 8, "train.ckpt_every": RESUME_STEP, "train.keep_last": 0}
 RESUMED = {"train.steps": 8}
 # 30 parameters instead of 21; SwiGLU hidden size 117, so the ZeRO partitions split layers.1's w1
-# (117 x 44) in the middle of its row 87 (docs in test_zero_checkpoint.py)
+# (117 x 44) in the middle of its row 87 (docs in tests/parallel/test_zero_checkpoint.py)
 ODD = {"model.n_layers": 3, "model.dim": 44, "model.n_heads": 2, "model.n_kv_heads": 2, "model.multiple_of": 1}
 KV_REPLICATED = {"parallel.tensor_parallel": 2, "model.n_kv_heads": 1}  # each kv head on both TP ranks
 # name: (overrides, case whose checkpoint is resumed)

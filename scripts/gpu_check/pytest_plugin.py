@@ -1,9 +1,9 @@
-"""pytest plugin of scripts/gpu_check.py: one JSON line per test outcome, appended to the file named by
+"""pytest plugin of the tests step: one JSON line per test outcome, appended to the file named by
 $GPU_CHECK_REPORT as each test finishes, so the counts survive a run stopped at its time limit.
 
-Loaded with `-p gpu_check_report` (scripts/ on PYTHONPATH). A line: {"test": node id, "outcome": passed |
-failed | skipped | error, "when": setup | call | teardown | collect, "seconds": duration, "message": the
-skip reason or the first line of the failure}.
+Loaded with `-p gpu_check.pytest_plugin` (scripts/ on PYTHONPATH). A line: {"test": node id, "outcome":
+passed | failed | skipped | error, "when": setup | call | teardown | collect, "seconds": duration, "message":
+the skip reason or the first line of the failure}.
 """
 from __future__ import annotations
 

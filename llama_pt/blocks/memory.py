@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .activation_modes import ACTIVATION_MODES
+from ..config import ACTIVATION_MODES
 
 # precision -> (bytes of the residual stream and the norms' float math, bytes of the matmul outputs)
 PRECISIONS = {"fp32": (4, 4), "fp64": (8, 8), "bf16_autocast": (4, 2), "fp16_autocast": (4, 2)}

@@ -1,13 +1,15 @@
-"""Apply tensor (and sequence) parallelism to a plain `Llama`, in place, from one place.
+"""Tensor (and sequence) parallelism applied to a plain `Llama` from outside, by one declared plan.
 
-`parallelize` swaps modules for sharded ones holding SLICES of the existing full weights, so a model
-initialised identically on every rank and then parallelized computes exactly what the single-process
-model computes (docs/parallelism.md). Which slice each rank holds:
+`tensor_parallel_plan` says, for each module path, what takes the place of the module found there
+(llama_pt.model.module_plan); `parallelize` applies it. Each new module holds a SLICE of the existing full
+weight, so a model initialised identically on every rank and then parallelized computes exactly what the
+single-process model computes (docs/parallelism.md):
 
   tok_embeddings.weight [V, d]      rows (vocabulary)          VocabParallelEmbedding
   wq / w1 / w3 / output [out, d]    rows (heads / hidden / V)  ColumnParallelLinear
   wk / wv [kv*hd, d]                rows, whole kv heads; replicated when n_kv_heads < t
   wo / w2 [d, in]                   columns                    RowParallelLinear
+  attention, feed_forward           the same, with q/k/v (w1/w3) sharing ONE input collective
   RMSNorm weights                   replicated (on sequence shards under SP)
 
 Gradients of replicated parameters that see only part of the data are summed by hooks on the
@@ -23,22 +25,24 @@ shard is marked on the first rank of its replica group only, so the global norm 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-from ..model.config import ConfigError
-from ..model.llama import Attention, FeedForward, Llama, RMSNorm
+from ..config import ConfigError
+from ..model.llama import Attention, FeedForward, Llama
+from ..model.module_plan import Transform, apply_module_plan
 from . import comm
 from .comm import BWD
 from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import (ColumnParallelLinear, RowParallelLinear, ShardSpec, TPContext, VocabParallelEmbedding,
                      column_parallel, shard_parameter)
 from .mappings import gather_from_tp
-from .state import ParallelState, validate_layout
+from .state import ParallelState
 
 
 class TensorParallelAttention(Attention):
@@ -62,58 +66,116 @@ def _sum_grad_over(param: torch.nn.Parameter, group) -> None:
                                                       group, BWD).wait())
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """What every style needs: the rank's TP layout and communication settings."""
+    pstate: ParallelState
+    tp: TPContext
+
+    @property
+    def rows(self) -> ShardSpec:
+        return ShardSpec(0, self.pstate.tp_size, self.pstate.tp_rank)
+
+    @property
+    def cols(self) -> ShardSpec:
+        return ShardSpec(1, self.pstate.tp_size, self.pstate.tp_rank)
+
+    @property
+    def kv_rows(self) -> ShardSpec:
+        """Whole kv heads; with fewer kv heads than TP ranks each is held by `kv_replicas` consecutive ranks."""
+        r = self.pstate.kv_replicas
+        return ShardSpec(0, self.pstate.tp_size // r, self.pstate.tp_rank // r)
+
+
+# ---- the styles: transforms of one module, given the sharding ----
+
+def column_parallel_style(s: Sharding, kv_heads: bool = False) -> Transform:
+    def shard(path: str, linear: nn.Module) -> ColumnParallelLinear:
+        weight = shard_parameter(linear.weight, s.kv_rows if kv_heads else s.rows)
+        if kv_heads and s.pstate.kv_replicas > 1:
+            weight.kv_replicated = True
+            weight.tensor_model_parallel = s.pstate.tp_rank % s.pstate.kv_replicas == 0
+            _sum_grad_over(weight, s.pstate.kv_replica_group)
+        else:
+            weight.tensor_model_parallel = True
+        return ColumnParallelLinear(weight, s.tp)
+    return shard
+
+
+def row_parallel_style(s: Sharding) -> Transform:
+    def shard(path: str, linear: nn.Module) -> RowParallelLinear:
+        weight = shard_parameter(linear.weight, s.cols)
+        weight.tensor_model_parallel = True
+        return RowParallelLinear(weight, s.tp)
+    return shard
+
+
+def vocab_parallel_style(s: Sharding) -> Transform:
+    def shard(path: str, embedding: nn.Module) -> VocabParallelEmbedding:
+        weight = shard_parameter(embedding.weight, s.rows)
+        weight.tensor_model_parallel = True
+        return VocabParallelEmbedding(weight, s.tp)
+    return shard
+
+
+def shared_input_attention(path: str, attn: Attention) -> TensorParallelAttention:
+    return TensorParallelAttention(attn.wq, attn.wk, attn.wv, attn.wo, attn.head_dim, attn.backend)
+
+
+def shared_input_feed_forward(path: str, ffn: FeedForward) -> TensorParallelFeedForward:
+    return TensorParallelFeedForward(ffn.w1, ffn.w2, ffn.w3)
+
+
+def sequence_parallel_norm_style(s: Sharding) -> Transform:
+    def mark(path: str, norm: nn.Module) -> nn.Module:
+        norm.weight.sequence_parallel = True
+        _sum_grad_over(norm.weight, s.pstate.tp_group)
+        return norm
+    return mark
+
+
+def tensor_parallel_plan(s: Sharding) -> list[tuple[str, Transform]]:
+    """The declared plan: which module path gets which style (the table in this module's docstring)."""
+    plan = [
+        ("tok_embeddings", vocab_parallel_style(s)),
+        ("layers.*.attention.wq", column_parallel_style(s)),
+        ("layers.*.attention.wk", column_parallel_style(s, kv_heads=True)),
+        ("layers.*.attention.wv", column_parallel_style(s, kv_heads=True)),
+        ("layers.*.attention.wo", row_parallel_style(s)),
+        ("layers.*.attention", shared_input_attention),
+        ("layers.*.feed_forward.w1", column_parallel_style(s)),
+        ("layers.*.feed_forward.w3", column_parallel_style(s)),
+        ("layers.*.feed_forward.w2", row_parallel_style(s)),
+        ("layers.*.feed_forward", shared_input_feed_forward),
+        ("output", column_parallel_style(s)),
+    ]
+    if s.tp.sequence_parallel:
+        plan.append(("*norm", sequence_parallel_norm_style(s)))
+    return plan
+
+
+def tp_context(pstate: ParallelState, sequence_parallel: Optional[bool] = None,
+               overlap: Optional[bool] = None) -> Optional[TPContext]:
+    """The TP group and communication settings layers use (pstate.config's unless given); None at TP=1."""
+    if pstate.tp_size == 1:
+        return None
+    cfg = pstate.config
+    return TPContext(pstate.tp_group, cfg.sequence_parallel if sequence_parallel is None else sequence_parallel,
+                     cfg.overlap if overlap is None else overlap)
+
+
 def parallelize(model: Llama, pstate: ParallelState, *, sequence_parallel: Optional[bool] = None,
                 overlap: Optional[bool] = None) -> Llama:
-    """Shard `model` over pstate's TP group in place and return it (unchanged when TP size is 1).
-
-    `sequence_parallel` and `overlap` default to pstate.config's values.
-    """
+    """Shard `model` over pstate's TP group in place by `tensor_parallel_plan` and return it (unchanged
+    when the TP size is 1). `sequence_parallel` and `overlap` default to pstate.config's values."""
     if model.cfg != pstate.model_config:
-        raise ConfigError("parallelize: the model's config differs from the one ParallelState was validated for")
-    cfg = dataclasses.replace(
-        pstate.config,
-        sequence_parallel=pstate.config.sequence_parallel if sequence_parallel is None else sequence_parallel,
-        overlap=pstate.config.overlap if overlap is None else overlap)
-    validate_layout(pstate.world_size, cfg, model.cfg, pstate.seq_len, pstate.seq_len_field)
-    t, r = pstate.tp_size, pstate.tp_rank
-    if t == 1:
+        raise ConfigError("parallelize: the model's config differs from the one ParallelState was made for")
+    tp = tp_context(pstate, sequence_parallel, overlap)
+    if tp is None:
         return model
     if isinstance(model.tok_embeddings, VocabParallelEmbedding):
         raise ValueError("parallelize: the model is already parallelized")
-    tp = TPContext(pstate.tp_group, cfg.sequence_parallel, cfg.overlap)
-    rows, cols = ShardSpec(0, t, r), ShardSpec(1, t, r)
-    kv_rows = ShardSpec(0, t // pstate.kv_replicas, r // pstate.kv_replicas)
-
-    model.tok_embeddings = VocabParallelEmbedding(shard_parameter(model.tok_embeddings.weight, rows), tp)
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        attn.wq = ColumnParallelLinear(shard_parameter(attn.wq.weight, rows), tp)
-        attn.wk = ColumnParallelLinear(shard_parameter(attn.wk.weight, kv_rows), tp)
-        attn.wv = ColumnParallelLinear(shard_parameter(attn.wv.weight, kv_rows), tp)
-        attn.wo = RowParallelLinear(shard_parameter(attn.wo.weight, cols), tp)
-        attn.__class__ = TensorParallelAttention
-        ffn.w1 = ColumnParallelLinear(shard_parameter(ffn.w1.weight, rows), tp)
-        ffn.w3 = ColumnParallelLinear(shard_parameter(ffn.w3.weight, rows), tp)
-        ffn.w2 = RowParallelLinear(shard_parameter(ffn.w2.weight, cols), tp)
-        ffn.__class__ = TensorParallelFeedForward
-    model.output = ColumnParallelLinear(shard_parameter(model.output.weight, rows), tp)
-
-    for param in model.parameters():
-        spec = getattr(param, "tp_shard", None)
-        if spec is None:
-            continue
-        if spec.chunks == t:
-            param.tensor_model_parallel = True
-        else:
-            param.kv_replicated = True
-            param.tensor_model_parallel = r % pstate.kv_replicas == 0
-            _sum_grad_over(param, pstate.kv_replica_group)
-    if cfg.sequence_parallel:
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.sequence_parallel = True
-                _sum_grad_over(module.weight, pstate.tp_group)
-    return model
+    return apply_module_plan(model, tensor_parallel_plan(Sharding(pstate, tp)))
 
 
 def make_loss_fn(pstate: ParallelState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -1,6 +1,4 @@
-"""Load a trained model from wherever it lives: one of our checkpoint folders or a Hugging Face folder.
-
-Commands on a trained model (MODEL is a checkpoint folder or a Hugging Face folder):
+"""Commands on a trained model (MODEL is a checkpoint folder or a Hugging Face folder):
     python -m llama_pt.pretrained export CHECKPOINT OUT_DIR [--dtype bfloat16]
     python -m llama_pt.pretrained sample MODEL --prompt "The" [--tokens 64 --temperature 0.8 --top-p 0.95]
     python -m llama_pt.pretrained perplexity MODEL --manifest held_out.json [--seq-len 2048]
@@ -11,58 +9,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import torch
-
-from .model import Llama, ModelConfig
-from .train.checkpoint import CheckpointError, load_verified, verify_checkpoint
-
-HF_CONFIG = "config.json"
-
-
-def is_hf_folder(path: str | Path) -> bool:
-    return (Path(path) / HF_CONFIG).is_file()
-
-
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Llama, dict[str, Any]]:
-    """The model stored in a training checkpoint (weights only) and the checkpoint's trainer state."""
-    state = verify_checkpoint(path)  # every file hashed once, before the config is trusted
-    model = Llama(ModelConfig.from_dict(state["model_config"]))
-    load_verified(path, {"model": model.state_dict()})
-    return model.to(device).eval(), state
-
-
-def load_hf_model(folder: str | Path, device: str | torch.device = "cpu") -> Llama:
-    from .hf_interop import import_hf
-    cfg, weights = import_hf(folder)
-    model = Llama(cfg)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.to(device).eval()
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Llama:
-    """A Llama from a checkpoint folder or a Hugging Face folder, chosen by what the folder holds."""
-    return load_hf_model(path, device) if is_hf_folder(path) else load_checkpoint_model(path, device)[0]
-
-
-def tokenizer_of_checkpoint(state: dict[str, Any]) -> Optional[Path]:
-    """The tokenizer named by the data manifest the checkpoint was trained on, if it still exists."""
-    from .data import load_manifest
-    manifest = (state.get("config") or {}).get("data", {}).get("manifest")
-    if not manifest or not Path(manifest).is_file():
-        return None
-    tokenizer = Path(load_manifest(manifest, check_files=False)["tokenizer"])
-    return tokenizer if tokenizer.is_file() else None
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
-                      tokenizer: Optional[str | Path] = None) -> Path:
-    """Write a Hugging Face Llama folder (safetensors, config.json, tokenizer) from a training checkpoint."""
-    from .hf_interop import export_hf
-    model, state = load_checkpoint_model(checkpoint)
-    tokenizer = tokenizer or tokenizer_of_checkpoint(state)
-    return export_hf(model, model.cfg, out_dir, tokenizer_path=tokenizer, dtype=dtype)
+from ..model import Llama
+from ..train.checkpoint import CheckpointError
+from .loading import export_checkpoint, is_hf_folder, load_checkpoint_model, load_hf_model, load_model, tokenizer_of_checkpoint
 
 
 def _model_and_tokenizer(model_path: str, given: Optional[str]) -> tuple[Llama, Path]:
@@ -80,16 +31,16 @@ def _model_and_tokenizer(model_path: str, given: Optional[str]) -> tuple[Llama, 
 
 
 def _sample(args) -> str:
-    from .generate import sample_text
-    from .tokenizer import Tokenizer
+    from ..generate import sample_text
+    from ..tokenizer import Tokenizer
     model, tokenizer_path = _model_and_tokenizer(args.model, args.tokenizer)
     return sample_text(model, Tokenizer(tokenizer_path), args.prompt, max_new_tokens=args.tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 def _perplexity(args) -> str:
-    from .data import load_manifest
-    from .evaluate import evaluate_perplexity
+    from ..data import load_manifest
+    from ..evaluate import evaluate_perplexity
     model = load_model(args.model)
     prefixes = [p for s in load_manifest(args.manifest)["sources"] for p in s["prefixes"]]
     seq_len = args.seq_len or model.cfg.max_seq_len
@@ -132,6 +83,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

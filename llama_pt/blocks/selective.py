@@ -22,7 +22,8 @@ same bytes as before it and spares recomputing the rotation.
 
 Tensor and sequence parallelism (Shoeybi et al. 2019, Sec. 3; Korthikanti et al. 2022, Sec. 4.2.2):
 the functions receive the rank's weight shards and issue the collectives themselves, through the
-instrumented llama_pt.parallel.comm primitives. Forward: all-gather of the normalised sequence shard
+instrumented llama_pt.parallel.comm primitives, with the TP group and settings the block was built with
+(`SelectiveBlock(..., tp=llama_pt.parallel.tp_context(pstate))`, done by llama_pt.blocks.modes). Forward: all-gather of the normalised sequence shard
 (SP) before the column-parallel projections; all-reduce (TP) or reduce-scatter (SP) after Wo and W2.
 Backward of each half, with `overlap` (asynchronous handles, as llama_pt.parallel.layers):
 
@@ -35,7 +36,7 @@ Backward of each half, with `overlap` (asynchronous handles, as llama_pt.paralle
   wait; RMSNorm backward on the (shard of the) input; add the residual gradient
 
 Weight gradients are returned for the parameters themselves, so autograd accumulates them into .grad
-through the parameters' AccumulateGrad nodes and the parameter hooks of llama_pt.parallel.api (sum of
+through the parameters' AccumulateGrad nodes and the parameter hooks of llama_pt.parallel.tensor_parallel (sum of
 sequence-parallel norm weights over TP, of replicated kv heads over their replicas) run as for autograd.
 """
 from __future__ import annotations
@@ -47,10 +48,11 @@ import torch
 import torch.nn.functional as F
 
 from ..model.llama import TransformerBlock, _at_least_fp32, apply_rope
-from ..parallel import comm, timeline
+from ..ops.attention import resolve_attention_backend
+from ..ops.attention_kernels import AttentionState, attention_backward, attention_forward, select_kernel
+from ..parallel import comm
 from ..parallel.comm import BWD, FWD
-from .attention import resolve_backend
-from .attention_kernels import AttentionState, attention_backward, attention_forward, select_kernel
+from ..parallel.layers import TPContext, column_parallel_backward
 
 
 @dataclass(frozen=True)
@@ -147,12 +149,6 @@ def _reduce_output(partial: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return comm.all_reduce(partial, spec.group, FWD).wait()
 
 
-def _reduce_input_grad(grad: torch.Tensor, spec: LayerSpec) -> comm.Pending:
-    if spec.sequence_parallel:
-        return comm.reduce_scatter_seq(grad, spec.group, BWD, async_op=spec.overlap)
-    return comm.all_reduce(grad, spec.group, BWD, async_op=spec.overlap)
-
-
 def _output_grad(dy: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """Gradient of the row-parallel output in the matmul dtype, over the full sequence."""
     g = dy.to(spec.compute_dtype)
@@ -161,18 +157,8 @@ def _output_grad(dy: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 def _column_backward(grads: list[torch.Tensor], weights: list[torch.Tensor], gather: comm.Pending,
                      spec: LayerSpec, needs: list[bool]) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-    """dgrad (gather in flight), then wgrad (reduction of dgrad in flight); the rank's input-gradient part."""
-    with timeline.span("dgrad"):
-        grad_in = torch.matmul(grads[0], _cast(weights[0], spec.compute_dtype))
-        for g, w in zip(grads[1:], weights[1:]):
-            grad_in.add_(torch.matmul(g, _cast(w, spec.compute_dtype)))
-    full = _flat(gather.wait())
-    reduce = _reduce_input_grad(grad_in, spec)
-    grad_weights: list[Optional[torch.Tensor]] = []
-    with timeline.span("wgrad"):
-        for g, w, need in zip(grads, weights, needs):
-            grad_weights.append(torch.matmul(_flat(g).t(), full).to(w.dtype) if need else None)
-    return reduce.wait(), grad_weights
+    return column_parallel_backward(grads, weights, gather, spec.group, spec.sequence_parallel, spec.overlap,
+                                    spec.compute_dtype, needs)
 
 
 class _AttentionHalf(torch.autograd.Function):
@@ -239,13 +225,12 @@ class _MLPHalf(torch.autograd.Function):
         return dy + dh, dnorm, dw1, dw3, dw2, None
 
 
-def layer_spec(block: TransformerBlock, x: torch.Tensor) -> LayerSpec:
-    """The spec of `block` (plain or parallelized by llama_pt.parallel) for an input like x."""
-    attn = block.attention
-    tp = getattr(attn.wq, "tp", None)  # a TPContext on ColumnParallelLinear; nn.Linear has none
+def layer_spec(block: "SelectiveBlock", x: torch.Tensor) -> LayerSpec:
+    """The spec of `block` for an input like x."""
+    attn, tp = block.attention, block.tp
     device = x.device
     cdt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else attn.wq.weight.dtype
-    backend = resolve_backend(attn.backend, device)
+    backend = resolve_attention_backend(attn.backend, device)
     return LayerSpec(eps=block.attention_norm.eps, head_dim=attn.head_dim,
                      kernel=select_kernel(backend, device, cdt, attn.head_dim),
                      group=None if tp is None else tp.group,
@@ -256,8 +241,14 @@ def layer_spec(block: TransformerBlock, x: torch.Tensor) -> LayerSpec:
 class SelectiveBlock(TransformerBlock):
     """TransformerBlock whose training forward runs the two hand-written functions (activation mode `selective`).
 
-    Decoding with a KV cache and forwards without gradient take the plain path (nothing is saved there).
+    `tp`: the TP group and settings of a tensor-parallel model's block (llama_pt.parallel.tp_context), None
+    in one process. Decoding with a KV cache and forwards without gradient take the plain path (nothing is
+    saved there).
     """
+
+    def __init__(self, attention_norm, attention, ffn_norm, feed_forward, tp: Optional[TPContext] = None):
+        super().__init__(attention_norm, attention, ffn_norm, feed_forward)
+        self.tp = tp
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
         if cache is not None or start_pos != 0 or not torch.is_grad_enabled():

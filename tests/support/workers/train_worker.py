@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from llama_pt.model import Llama
 from llama_pt.parallel import gather_shards, summarize, trace_collectives
 from llama_pt.train.checkpoint import CheckpointError
-from llama_pt.train.config import resolve
+from llama_pt.config import resolve
 from llama_pt.train.distributed import WorldEnv, start
 from llama_pt.train.optim import parameter_groups
 from llama_pt.train.trainer import Trainer

@@ -1,4 +1,9 @@
-"""Helpers shared by the top-level tests (fixtures live in conftest.py)."""
+"""Helpers shared by the tests (fixtures live in tests/conftest.py): token corpora, Hydra configs, run results.
+
+The package's modules: `torchrun` launches scripts under torchrun; `workers/` holds the worker mains the
+multi-process tests launch; `fault_runs` (train.py under torchrun) and `injection` (bad batches) serve the
+fault tests.
+"""
 import json
 from pathlib import Path
 
@@ -8,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from llama_pt.data import IndexedDatasetWriter, write_manifest
 from llama_pt.train.checkpoint import list_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 EOS = 2
 

@@ -5,7 +5,7 @@ Cases (each a fresh Trainer from the JSON base config plus the case's overrides)
                   are poisoned (NaN loss on one rank); position 8 is random tokens on every rank (spike)
   tp2_z0          TP=2: position 4 poisoned (the NaN row lives on TP rank 0 only)
 Each rank writes <out>/<case>.rank<r>.json: the steps each rank skipped (with the reason) and, per
-step, whether its weights and optimizer state changed. test_numerical_faults_dist.py checks them.
+step, whether its weights and optimizer state changed. tests/faults/test_numerical_faults_dist.py checks them.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from injection import InjectingLoader, bitwise_equal, poison_embedding, poisoned, random_tokens, snapshot
-from llama_pt.train.config import resolve
+from support.injection import InjectingLoader, bitwise_equal, poison_embedding, poisoned, random_tokens, snapshot
+from llama_pt.config import resolve
 from llama_pt.train.distributed import WorldEnv, start
 from llama_pt.train.trainer import Trainer
 

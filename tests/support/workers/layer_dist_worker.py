@@ -18,9 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_pt.model import Llama, ModelConfig
-from llama_pt.ops.activation_memory import layer_activation_bytes, measure_saved_bytes
-from llama_pt.ops.activation_modes import ACTIVATION_MODES, apply_activation_mode
-from llama_pt.parallel import (COMM_COUNTER, ParallelConfig, ParallelState, full_gradients, make_loss_fn, parallelize,
+from llama_pt.blocks.memory import layer_activation_bytes, measure_saved_bytes
+from llama_pt.blocks.modes import ACTIVATION_MODES, apply_activation_mode
+from llama_pt.config import ParallelConfig
+from llama_pt.parallel import (COMM_COUNTER, ParallelState, full_gradients, make_loss_fn, parallelize,
                                record_timeline)
 from llama_pt.parallel.timeline import Event
 
@@ -109,11 +110,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {name: run_case(name) for name in args.cases}
     rank = dist.get_rank()
-    tmp = args.out / f"rank{rank}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(results))
-    tmp.replace(args.out / f"rank{rank}.json")
+    for name in args.cases:
+        result = run_case(name)
+        tmp = args.out / f"{name}.rank{rank}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(result))
+        tmp.replace(args.out / f"{name}.rank{rank}.json")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -2,7 +2,7 @@
 
 Each rank builds the reference Llama (same seed on every rank) and the parallelized copy, runs one
 forward/backward step on the same global batch (split over data-parallel ranks), and writes
-<out>/rank<r>.json: loss, per-parameter gradient relative errors, logits errors, float64 forward
+<out>/<case>.rank<r>.json: loss, per-parameter gradient relative errors, logits errors, float64 forward
 errors, state-dict round trips, the communication counter, and the recorded timeline of the step.
 tests/parallel/test_parallel_dist.py launches it and makes the assertions.
 """
@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_pt.model import Llama, ModelConfig
-from llama_pt.parallel import (COMM_COUNTER, ParallelConfig, ParallelState, full_gradients, full_state_dict,
+from llama_pt.config import ParallelConfig
+from llama_pt.parallel import (COMM_COUNTER, ParallelState, full_gradients, full_state_dict,
                                gather_logits, load_full_state_dict, make_loss_fn, parallelize, record_timeline,
                                write_chrome_trace)
 
@@ -159,11 +160,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {name: run_case(name, args.out) for name in args.cases}
     rank = dist.get_rank()
-    tmp = args.out / f"rank{rank}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(results))
-    tmp.replace(args.out / f"rank{rank}.json")
+    for name in args.cases:
+        result = run_case(name, args.out)
+        tmp = args.out / f"{name}.rank{rank}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(result))
+        tmp.replace(args.out / f"{name}.rank{rank}.json")
     dist.barrier()
     dist.destroy_process_group()
 

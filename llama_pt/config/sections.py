@@ -1,0 +1,225 @@
+"""The typed sections of a run's config (Hydra groups train, optim, parallel, data, fault) and their checks.
+
+Every check raises one ConfigError line naming the field, e.g.
+``train.micro_batch_size=3 does not divide the per-rank batch of 8 sequences``. `llama_pt.config.run`
+calls them once, when it resolves the composed config; nothing downstream validates again. Torch-free.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from .fields import ConfigError, reject_unknown_fields
+from .model import ModelConfig
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")  # model.attention (llama_pt.ops.attention)
+ACTIVATION_MODES = ("none", "selective", "full")   # model.activation (llama_pt.blocks)
+PRECISIONS = ("auto", "fp32", "bf16")               # train.precision (llama_pt.train.precision)
+DEVICES = ("auto", "cpu", "cuda")                   # train.device
+COMM_BACKENDS = ("auto", "nccl", "gloo")            # parallel.backend
+ZERO_STAGES = (0, 1, 2)                             # parallel.zero_stage
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+
+
+def check_choice(value: Any, known: tuple, field: str) -> Any:
+    """`value` if it is one of `known`; else ConfigError naming `field` and the known values."""
+    if value not in known:
+        raise ConfigError(f"{field}={value!r} is unknown (known: {', '.join(map(str, known))})")
+    return value
+
+
+def typed_section(cls, values: Mapping[str, Any], prefix: str):
+    """An instance of the dataclass `cls` from `values`: unknown keys refused, null only where the field
+    defaults to None, integers checked, lists made tuples; ConfigError names the field."""
+    reject_unknown_fields(cls, values, prefix)
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for name, value in values.items():
+        if value is None:
+            if known[name].default is None:
+                continue
+            raise ConfigError(f"{prefix}.{name} must be set")
+        if known[name].type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{prefix}.{name}={value!r} must be an integer")
+        out[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return cls(**out)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    steps: int
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    ckpt_every: int = 0
+    keep_last: int = 3
+    resume: str = "auto"
+    exit_interval: int = 0
+    out_dir: str = "runs/default"
+    init_from: Optional[str] = None
+    sample_prompt: str = ""
+    sample_tokens: int = 0
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return self.global_batch_tokens // self.seq_len
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """The `fault:` section: what the trainer does about preemption, hangs and numerical faults."""
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # checkpoint and exit after the step
+    collective_timeout_s: float = 600.0  # a rank waiting longer in one collective ends the run (watchdog.py)
+    heartbeat_every_s: float = 10.0      # each rank's heartbeat file in <out_dir>/heartbeats
+    spike_zscore: float = 6.0            # skip a step whose loss is this many std above the window (0: off)
+    spike_window: int = 100              # accepted losses the z-score is computed over
+    max_bad_steps: int = 5               # skipped steps in a row before rolling back to a checkpoint (0: never)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The `optim` group: AdamW and its schedule (llama_pt.train.optim; Touvron et al. 2023, Sec. 2.3)."""
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The `parallel` group: tensor/sequence parallelism, overlap, ZeRO stage, communication backend."""
+    tensor_parallel: int = 1       # t: ranks that share one layer (consecutive ranks)
+    sequence_parallel: bool = False  # Korthikanti et al. 2022, Sec. 4.2.2 (needs tensor_parallel > 1 to matter)
+    overlap: bool = True           # asynchronous TP collectives hidden behind the backward matmuls
+    zero_stage: int = 0            # 0: plain all-reduce data parallelism; 1, 2: DeepSpeed ZeRO stage
+    backend: str = "auto"          # nccl on cuda, gloo on cpu
+    bucket_size: int = 500_000_000  # DeepSpeed ZeRO reduce / all-gather bucket, in elements
+
+    def validate(self, prefix: str = "parallel") -> "ParallelConfig":
+        if type(self.tensor_parallel) is not int or self.tensor_parallel < 1:
+            raise ConfigError(f"{prefix}.tensor_parallel={self.tensor_parallel!r} must be a positive integer")
+        for name in ("sequence_parallel", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)!r} must be true or false")
+        if type(self.zero_stage) is not int or self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"{prefix}.zero_stage={self.zero_stage!r} must be one of {ZERO_STAGES}")
+        if type(self.bucket_size) is not int or self.bucket_size < 2 or self.bucket_size % 2:
+            raise ConfigError(f"{prefix}.bucket_size={self.bucket_size!r} must be a positive even integer (elements)")
+        check_choice(self.backend, COMM_BACKENDS, f"{prefix}.backend")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], prefix: str = "parallel") -> "ParallelConfig":
+        reject_unknown_fields(cls, values, prefix)
+        return cls(**values).validate(prefix)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` group (configs/data/*.yaml): the mixture manifest written by the data pipeline, an optional
+    held-out manifest, per-source weight/epoch overrides (llama_pt.data.mixture.resolve_weights), the
+    shuffling seed, loader worker processes, and the folder of the shuffling tables (llama_pt.data.packing;
+    the trainer's default is <train.out_dir>/data_index)."""
+    manifest: str
+    valid_manifest: Optional[str] = None
+    weights: Optional[dict[str, float]] = None
+    epochs: Optional[dict[str, float]] = None
+    seed: int = 1234
+    num_workers: int = 0
+    index_dir: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "data") -> "DataConfig":
+        """Build from a plain dict or an OmegaConf DictConfig; ConfigError names the bad field."""
+        reject_unknown_fields(cls, values, prefix)
+        if not values.get("manifest"):
+            raise ConfigError(f"{prefix}.manifest must name the mixture manifest (mixture.json)")
+        kw: dict[str, Any] = {"manifest": str(values["manifest"])}
+        for key in ("valid_manifest", "index_dir"):
+            if values.get(key):
+                kw[key] = str(values[key])
+        for key in ("weights", "epochs"):
+            v = values.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{prefix}.{key} must be a mapping of source name to number")
+            kw[key] = {str(k): x for k, x in v.items()}
+        for key in ("seed", "num_workers"):
+            v = values.get(key, getattr(cls, key))
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{prefix}.{key}={v!r} must be a non-negative integer")
+            kw[key] = v
+        return cls(**kw)
+
+
+def validate_train(train: TrainConfig, model: ModelConfig, dp_size: int) -> None:
+    for name in ("seq_len", "global_batch_tokens", "micro_batch_size", "steps"):
+        if getattr(train, name) <= 0:
+            raise ConfigError(f"train.{name}={getattr(train, name)} must be positive")
+    if train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len={train.seq_len} exceeds the RoPE table of "
+                          f"model.max_seq_len={model.max_seq_len}")
+    if train.global_batch_tokens % train.seq_len:
+        raise ConfigError(f"train.global_batch_tokens={train.global_batch_tokens} is not a multiple of "
+                          f"train.seq_len={train.seq_len}")
+    per_rank, rem = divmod(train.global_batch_sequences, dp_size)
+    if rem:
+        raise ConfigError(f"train.global_batch_tokens={train.global_batch_tokens} gives "
+                          f"{train.global_batch_sequences} sequences, not divisible by {dp_size} data-parallel ranks")
+    if per_rank % train.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} does not divide the per-rank "
+                          f"batch of {per_rank} sequences")
+    check_choice(train.precision, PRECISIONS, "train.precision")
+    check_choice(train.device, DEVICES, "train.device")
+    for name in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "sample_tokens", "exit_interval"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(train, name)} must not be negative")
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be positive")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1]")
+    if optim.warmup_steps < 0 or optim.grad_clip < 0 or optim.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
+
+
+def validate_fault(fault: FaultConfig) -> None:
+    import signal
+    if not isinstance(fault.stop_signals, tuple):
+        raise ConfigError(f"fault.stop_signals={fault.stop_signals!r} must be a list of signal names, e.g. [SIGTERM]")
+    for name in fault.stop_signals:
+        if not isinstance(name, str) or not isinstance(getattr(signal, name, None), signal.Signals) \
+                or name in UNCATCHABLE_SIGNALS:
+            raise ConfigError(f"fault.stop_signals: {name!r} is not a signal the trainer can catch "
+                              f"(e.g. SIGTERM, SIGUSR1, SIGUSR2)")
+    for name in ("collective_timeout_s", "heartbeat_every_s", "spike_zscore"):
+        value = getattr(fault, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                or (value == 0 and name != "spike_zscore"):
+            raise ConfigError(f"fault.{name}={value!r} must be a positive number"
+                              f"{' (0 turns it off)' if name == 'spike_zscore' else ''}")
+    if fault.spike_window < 2:
+        raise ConfigError(f"fault.spike_window={fault.spike_window} must be at least 2")
+    if fault.max_bad_steps < 0:
+        raise ConfigError(f"fault.max_bad_steps={fault.max_bad_steps} must not be negative")
+
+

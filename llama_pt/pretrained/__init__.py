@@ -1,0 +1,8 @@
+"""What is done with a trained model: load it (.loading), and the `python -m llama_pt.pretrained` commands
+(.commands: export to Hugging Face, sample, perplexity)."""
+from .commands import main
+from .loading import (export_checkpoint, is_hf_folder, load_checkpoint_model, load_hf_model, load_model,
+                      tokenizer_of_checkpoint)
+
+__all__ = ["export_checkpoint", "is_hf_folder", "load_checkpoint_model", "load_hf_model", "load_model", "main",
+           "tokenizer_of_checkpoint"]
