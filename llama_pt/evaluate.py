@@ -2,7 +2,8 @@
 
 The held-out shards are read in order, without shuffling, as consecutive windows of seq_len + 1
 tokens sharing one token (data.packing.SequentialWindows): every token after the first is a
-target exactly once, the last window being shorter when the tokens do not divide evenly.
+target exactly once, the last window being shorter when the tokens do not divide evenly. The padding ids
+of the vocabulary take no probability mass (llama_pt.model.vocab).
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import torch.nn.functional as F
 
 from llama_pt.data.indexed import PathLike
 from llama_pt.data.packing import SequentialWindows
+from llama_pt.model.vocab import mask_padded_vocab
 
 
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, prefixes: Sequence[PathLike], seq_len: int, batch_size: int,
                         max_batches: Optional[int] = None, device: torch.device | str = "cpu",
                         eos_id: Optional[int] = None) -> dict[str, float]:
-    """Mean token NLL and perplexity of `model` (tokens [b, s] -> logits [b, s, vocab]) on held-out shards.
+    """Mean token NLL and perplexity of `model` (tokens [b, s] -> logits [b, s, padded vocab]; its `cfg` gives
+    the real vocabulary) on held-out shards.
 
     Full windows go in batches of `batch_size`; the short tail window, if any, is a batch of its own.
     `max_batches` stops after that many batches (None: all). With `eos_id`, targets equal to it are
@@ -41,6 +44,7 @@ def evaluate_perplexity(model: torch.nn.Module, prefixes: Sequence[PathLike], se
         batches.append([windows.num_full])
     if max_batches is not None:
         batches = batches[:max_batches]
+    vocab_size = model.cfg.vocab_size
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -48,7 +52,7 @@ def evaluate_perplexity(model: torch.nn.Module, prefixes: Sequence[PathLike], se
         for idx in batches:
             tokens = torch.stack([torch.from_numpy(windows[k]) for k in idx]).to(device)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            logits = model(inputs).float()
+            logits = mask_padded_vocab(model(inputs).float(), vocab_size)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
             keep = torch.ones_like(nll, dtype=torch.bool) if eos_id is None else targets.reshape(-1) != eos_id
             total_nll += nll[keep].double().sum().item()

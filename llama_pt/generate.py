@@ -5,6 +5,7 @@ tokens whose cumulative probability reaches p, renormalised. Prompts of differen
 together the way Meta's reference sampler does it: every row advances from the shortest prompt's end,
 and a row whose prompt is longer keeps its prompt token at that position instead of the sample. Causal
 attention makes this exact: a position only ever attends to real (prompt or generated) tokens.
+The padding ids of the vocabulary are never chosen (llama_pt.model.vocab).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .model import KVCache, Llama
+from .model import KVCache, Llama, mask_padded_vocab
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -75,7 +76,7 @@ def generate(model: Llama, prompt_tokens: Sequence[Sequence[int]], max_new_token
         prev = 0
         for pos in range(min(lengths), total):
             logits = model(tokens[:, prev:pos], start_pos=prev, caches=caches)[:, -1]
-            chosen = next_tokens(logits, temperature, top_p, generator)
+            chosen = next_tokens(mask_padded_vocab(logits, cfg.vocab_size), temperature, top_p, generator)
             tokens[:, pos] = torch.where(in_prompt[:, pos], tokens[:, pos], chosen)
             if eos_id is not None:
                 done |= ~in_prompt[:, pos] & (tokens[:, pos] == eos_id)

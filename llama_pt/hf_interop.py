@@ -4,6 +4,10 @@ Parameter names differ only by a renaming (table `NAME_MAP`, used in both direct
 permutation is needed: llama_pt's RoPE pairs dimension i with i + head_dim/2 ("rotate half"), the
 layout of `transformers`' LlamaForCausalLM (tests/test_hf_parity.py checks logits against it).
 
+Vocabulary padding (llama_pt.config.model): a folder holds the real vocabulary only. Export trims the
+embedding and the head to `vocab_size` rows (config.json's vocab_size), import pads them back with zero
+rows to `padded_vocab_size`; the multiple is recorded in config.json's `llama_pt` entry.
+
 Tokenizer: the SentencePiece model is copied as tokenizer.model with a tokenizer_config.json naming
 LlamaTokenizer. transformers 5's LlamaTokenizer rebuilds it as a `tokenizers` BPE with a Metaspace
 pre-tokenizer; it encodes exactly like SentencePiece except for text that starts with whitespace, where
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path
 from .config import ModelConfig
 from .config.hf_model import hf_config, model_config_from_hf
-from .model import Llama
+from .model import VOCAB_ROWS, Llama
 from .tokenizer import Tokenizer
 
 # (llama_pt name, Hugging Face name); "{i}" is the layer index.
@@ -72,14 +76,18 @@ def from_hf_name(name: str) -> str:
     return _rename(name, _FROM_HF, "Hugging Face")
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """llama_pt parameter name -> shape, for every parameter of Llama(cfg)."""
+def expected_shapes(cfg: ModelConfig, padded: bool = True) -> dict[str, tuple[int, ...]]:
+    """llama_pt parameter name -> shape, for every parameter of Llama(cfg); with `padded=False` the shapes of a
+    Hugging Face folder (vocab_size rows in VOCAB_ROWS)."""
     with torch.device("meta"):
-        return {name: tuple(p.shape) for name, p in Llama(cfg).state_dict().items()}
+        shapes = {name: tuple(p.shape) for name, p in Llama(cfg).state_dict().items()}
+    if not padded:
+        shapes.update({name: (cfg.vocab_size, *shapes[name][1:]) for name in VOCAB_ROWS})
+    return shapes
 
 
-def _check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    shapes = expected_shapes(cfg)
+def _check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str, padded: bool = True) -> None:
+    shapes = expected_shapes(cfg, padded)
     for name in state:
         if name not in shapes:
             raise ValueError(f"{where}: unexpected parameter {name!r} for this model config")
@@ -147,7 +155,8 @@ def export_hf(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Ten
               dtype: torch.dtype | str = torch.float32,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               generation: Mapping[str, Any] | None = None) -> Path:
-    """Write a folder that LlamaForCausalLM.from_pretrained (and AutoTokenizer, given a tokenizer) load.
+    """Write a folder that LlamaForCausalLM.from_pretrained (and AutoTokenizer, given a tokenizer) load; the
+    padding rows of the vocabulary are left out.
 
     The folder is assembled under a temporary name next to `out_dir` and renamed into place when
     complete; an existing `out_dir` is replaced only then. `generation` adds sampling defaults to
@@ -161,6 +170,7 @@ def export_hf(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Ten
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
         else model_or_state_dict
     _check_state_dict(state, model_cfg, "export_hf")
+    state = {name: t[:model_cfg.vocab_size] if name in VOCAB_ROWS else t for name, t in state.items()}
 
     out = Path(out_dir)
     with atomic_path(out) as tmp:
@@ -206,7 +216,8 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, llama_pt state dict) from a Hugging Face Llama folder, tensors in their stored dtype."""
+    """(ModelConfig, llama_pt state dict) from a Hugging Face Llama folder, tensors in their stored dtype; the
+    vocabulary padded with zero rows to the config's padded_vocab_size."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -224,5 +235,9 @@ def import_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
             state[from_hf_name(name)] = tensor
         except ValueError as exc:
             raise ValueError(f"{folder}: {exc}") from None
-    _check_state_dict(state, cfg, str(folder))
+    _check_state_dict(state, cfg, str(folder), padded=False)
+    padding = cfg.padded_vocab_size - cfg.vocab_size
+    if padding:
+        for name in VOCAB_ROWS:
+            state[name] = torch.cat([state[name], state[name].new_zeros(padding, state[name].shape[1])])
     return cfg, state

@@ -118,6 +118,7 @@ class Tokenizer:
         self.eos_id: int = self._sp.eos_id()
         self.unk_id: int = self._sp.unk_id()
         self.pad_id: int = self._sp.pad_id()
+        self._no_prefix: spm.SentencePieceProcessor | None = None  # for encode_piece, made when first needed
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
@@ -134,3 +135,14 @@ class Tokenizer:
 
     def encode_pieces(self, text: str) -> list[str]:
         return self._sp.encode(text, out_type=str)
+
+    def encode_piece(self, piece: str) -> list[int]:
+        """The ids this tokenizer splits a piece of another vocabulary into: the piece's text ("▁" a space)
+        encoded without the dummy prefix, so that the ids cover exactly that text ("▁中国" -> "▁", bytes...)."""
+        if self._no_prefix is None:
+            from sentencepiece import sentencepiece_model_pb2
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._sp.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._no_prefix.encode(piece.replace("\u2581", " "))

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages of real text that the data-pipeline tests and demo read (offline at run
-# time): fortune cookies in English, German, Spanish, Italian and Russian, and the Debian Reference
-# in English and French (HTML). Idempotent: does nothing when all are installed; runs
+# time): fortune cookies in English, German, Spanish, Italian, Russian and Chinese, and the Debian
+# Reference in English and French (HTML). Idempotent: does nothing when all are installed; runs
 # `apt-get update` only when a package cannot be found in the current package lists.
 set -euo pipefail
-PACKAGES=(fortunes fortunes-de fortunes-es fortunes-it fortunes-ru debian-reference-en debian-reference-fr)
+PACKAGES=(fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh debian-reference-en debian-reference-fr)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -7,7 +7,7 @@ import torch
 
 from llama_pt.data import IndexedDatasetWriter, SequentialWindows
 from llama_pt.evaluate import evaluate_perplexity
-from llama_pt.model import Llama, get_preset
+from llama_pt.model import Llama, ModelConfig, get_preset
 
 EOS = 2
 SEQ = 16
@@ -38,7 +38,7 @@ def nll_by_hand(model, stream, first_window=0, last_window=None, skip=None):
     while k * SEQ + 1 < len(stream) and (last_window is None or k < last_window):
         w = torch.from_numpy(stream[k * SEQ:k * SEQ + SEQ + 1].astype(np.int64))
         with torch.no_grad():
-            logp = torch.log_softmax(model(w[None, :-1])[0].double(), dim=-1)
+            logp = torch.log_softmax(model(w[None, :-1])[0, :, :model.cfg.vocab_size].double(), dim=-1)
         for pos, target in enumerate(w[1:].tolist()):
             if target != skip:
                 total -= logp[pos, target].item()
@@ -73,6 +73,17 @@ def test_eos_targets_can_be_left_out_and_batches_capped(held_out, model):
     total, count = nll_by_hand(model, stream, last_window=4)
     assert capped["tokens"] == count == 4 * SEQ and capped["batches"] == 2
     assert capped["nll"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_padding_ids_take_no_probability_mass(held_out):
+    """Vocabulary 1000 padded to 1024: the perplexity is over the first 1000 logits, however large the others."""
+    prefixes, stream = held_out
+    torch.manual_seed(0)
+    lm = Llama(ModelConfig(**{**get_preset("tiny").to_dict(), "vocab_size": 1000}))
+    lm.output.register_forward_hook(lambda module, args, logits: logits + 1e4 * (torch.arange(1024) >= 1000))
+    out = evaluate_perplexity(lm, prefixes, SEQ, batch_size=3)
+    total, count = nll_by_hand(lm, stream)
+    assert out["nll"] == pytest.approx(total / count, rel=1e-6) and abs(out["nll"] - math.log(1000)) < 0.5
 
 
 def test_sequential_windows_cover_the_shards_in_order(held_out):

@@ -77,6 +77,21 @@ def test_nucleus_sampling_keeps_only_the_nucleus():
     assert (sample_top_p(probs[:5], 1.0, torch.Generator().manual_seed(0)) < 4).all()
 
 
+def test_padding_ids_are_never_generated():
+    """Vocabulary 1000 padded to 1024: even when the padding logits are huge, no sampled or greedy id is >= 1000,
+    and greedy decoding picks what it picks over the first 1000 logits alone."""
+    cfg = ModelConfig(**{**CFG.to_dict(), "vocab_size": 1000})
+    torch.manual_seed(0)
+    lm = Llama(cfg).eval()
+    greedy = generate(lm, PROMPTS, max_new_tokens=10, temperature=0.0)
+    lm.output.register_forward_hook(lambda module, args, logits: logits + 1e4 * (torch.arange(1024) >= 1000))
+    with torch.no_grad():
+        assert lm(torch.tensor([PROMPTS[0]]))[0, -1].argmax() >= 1000  # unmasked, the padding would win
+    assert generate(lm, PROMPTS, max_new_tokens=10, temperature=0.0) == greedy
+    sampled = generate(lm, PROMPTS, max_new_tokens=40, temperature=1.0, top_p=1.0, seed=0)
+    assert max(max(row) for row in sampled) < 1000 and len({t for row in sampled for t in row}) > 20
+
+
 def test_eos_ends_a_continuation(model):
     greedy = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
     eos = greedy[0][5]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from llama_pt.hf_interop import NAME_MAP, export_hf, hf_config, import_hf, to_hf_name
-from llama_pt.model import ConfigError, Llama, ModelConfig
+from llama_pt.model import VOCAB_ROWS, ConfigError, Llama, ModelConfig
 from llama_pt.tokenizer import Tokenizer, train_sentencepiece
 
 TOL = 1e-5
@@ -27,7 +27,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
-    """All parameters random, norm weights included, so a swapped or misplaced tensor shows in the logits."""
+    """All parameters random, norm weights included, so a swapped or misplaced tensor shows in the logits; the
+    padding rows of the vocabulary zero, as in every Llama."""
     torch.manual_seed(seed)
     model = Llama(cfg).eval()
     with torch.no_grad():
@@ -36,6 +37,8 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+            if name in VOCAB_ROWS:
+                p[cfg.vocab_size:] = 0.0
     return model
 
 
@@ -43,14 +46,16 @@ def hf_model(cfg: ModelConfig, state: dict, attn: str) -> LlamaForCausalLM:
     values = {k: v for k, v in hf_config(cfg, torch.float32).items()
               if k not in ("architectures", "model_type", "torch_dtype", "dtype", "llama_pt")}
     model = LlamaForCausalLM._from_config(LlamaConfig(**values), attn_implementation=attn, dtype=torch.float32)
-    model.load_state_dict({to_hf_name(k): v for k, v in state.items()}, strict=True)
+    model.load_state_dict({to_hf_name(k): v[:cfg.vocab_size] if k in VOCAB_ROWS else v for k, v in state.items()},
+                          strict=True)
     return model.eval()
 
 
 def logits_pair(ours: Llama, hf: LlamaForCausalLM, seq: int = 96, seed: int = 1):
+    """Our logits over the real vocabulary (the padding ids' columns trimmed) and transformers'."""
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return ours(tokens), hf(tokens).logits
+        return ours(tokens)[..., :ours.cfg.vocab_size], hf(tokens).logits
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -142,6 +147,23 @@ def test_import_round_trip_is_bitwise(tmp_path):
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     a, b = logits_pair(again.eval(), hf)
     assert rel_err(a, b) <= TOL
+
+
+def test_padded_vocabulary_is_trimmed_on_export_and_padded_on_import(tmp_path):
+    """Vocabulary 1000 padded to 1024 in llama_pt; 1000 rows in the folder, as transformers expects."""
+    cfg = ModelConfig(**{**CONFIGS["gqa_ffn_mult_theta"].to_dict(), "vocab_size": 1000})
+    assert cfg.padded_vocab_size == 1024
+    ours = random_model(cfg)
+    out = export_hf(ours, cfg, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1000
+    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.model.embed_tokens.weight.shape == hf.lm_head.weight.shape == (1000, 96)
+    a, b = logits_pair(ours, hf)
+    assert a.shape == b.shape == (2, 96, 1000) and rel_err(a, b) <= TOL
+    cfg2, state = import_hf(out)
+    assert cfg2 == cfg
+    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())  # zero padding rows come back
+    assert state["output.weight"].shape == (1024, 96)
 
 
 def test_bf16_export_and_reimport(tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from llama_pt.model import ConfigError, Llama, ModelConfig, count_parameters, get_preset
+from llama_pt.model import PRESETS, ConfigError, Llama, ModelConfig, count_parameters, get_preset
 from llama_pt.model.llama import RMSNorm, apply_rope, rope_tables
 
 
@@ -21,9 +21,9 @@ def test_ffn_hidden_size_rounding(preset, hidden):
     assert get_preset(preset).ffn_hidden_dim == hidden
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "llama_125m"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "llama_125m", "padded"])
 def test_parameter_counter_equals_module(preset):
-    cfg = get_preset(preset)
+    cfg = get_preset(preset) if preset != "padded" else ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=1000)
     with torch.device("meta"):
         model = Llama(cfg)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
@@ -34,7 +34,29 @@ def test_gqa_shapes_and_forward():
     model = Llama(cfg)
     assert model.layers[0].attention.wk.weight.shape == (2 * 8, 64)
     logits = model(torch.randint(0, 100, (3, 10)))
-    assert logits.shape == (3, 10, 100)
+    assert logits.shape == (3, 10, 128)  # the vocabulary of 100 padded to a multiple of 64
+
+
+def test_vocabulary_is_padded_with_zero_rows():
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=1000)
+    assert (cfg.vocab_multiple, cfg.padded_vocab_size) == (64, 1024)
+    assert ModelConfig(**{**cfg.to_dict(), "vocab_multiple": 1}).padded_vocab_size == 1000
+    model = Llama(cfg)
+    for table in (model.tok_embeddings.weight, model.output.weight):
+        assert table.shape == (1024, 64)
+        assert torch.count_nonzero(table[1000:]) == 0 and torch.count_nonzero(table[:1000]) == 1000 * 64
+    assert all(p.padded_vocab_size == p.vocab_size for p in PRESETS.values())  # no preset is padded
+    with pytest.raises(ConfigError, match="model.vocab_multiple=0"):
+        ModelConfig.from_dict({**cfg.to_dict(), "vocab_multiple": 0})
+
+
+def test_model_config_stored_before_padding_existed_still_loads():
+    """A checkpoint's model_config without vocab_multiple: tables of exactly vocab_size rows."""
+    stored = {k: v for k, v in get_preset("tiny").to_dict().items() if k != "vocab_multiple"}
+    assert ModelConfig.from_stored(stored) == get_preset("tiny")  # equal to the preset: a resume goes on
+    odd = ModelConfig.from_stored({**stored, "vocab_size": 1000})
+    assert (odd.vocab_multiple, odd.padded_vocab_size) == (1, 1000)
+    assert ModelConfig.from_stored(get_preset("demo").to_dict()) == get_preset("demo")
 
 
 def test_causality():

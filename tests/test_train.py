@@ -61,6 +61,25 @@ def test_resume_gives_bitwise_identical_losses_and_weights(tmp_path, token_corpu
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
 
 
+def test_a_checkpoint_from_before_vocabulary_padding_loads_and_resumes(tmp_path, token_corpus):
+    """Its trainer state has no model.vocab_multiple; its tables have vocab_size rows (512: a multiple of 64)."""
+    import hashlib
+
+    from llama_pt.model import get_preset
+    from llama_pt.pretrained import load_checkpoint_model
+    run_training(make_config(tmp_path, token_corpus, "train.steps=2", "train.ckpt_every=2"))
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["model_config"]["vocab_multiple"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest["trainer_state.json"] = {"bytes": (ckpt / "trainer_state.json").stat().st_size,
+                                      "sha256": hashlib.sha256((ckpt / "trainer_state.json").read_bytes()).hexdigest()}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert load_checkpoint_model(ckpt)[0].cfg == get_preset("tiny")
+    assert run_training(make_config(tmp_path, token_corpus, "train.steps=3", f"train.resume={ckpt}"))["step"] == 3
+
+
 def test_corrupt_checkpoint_is_refused_by_explicit_resume(tmp_path, token_corpus, capsys):
     run_training(make_config(tmp_path, token_corpus, "train.steps=2", "train.ckpt_every=2"))
     ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]

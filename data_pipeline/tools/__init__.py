@@ -10,4 +10,5 @@ COMMANDS: dict[str, str] = {
     "train-lm": "data_pipeline.tools.train_lm",
     "lm-cutoffs": "data_pipeline.tools.lm_cutoffs",
     "train-wiki-classifier": "data_pipeline.tools.train_wiki_classifier",
+    "extend-tokenizer": "data_pipeline.tools.extend_tokenizer",
 }

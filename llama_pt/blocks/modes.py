@@ -3,7 +3,8 @@
 - ``none``       TransformerBlock, plain autograd: every intermediate an op needs for its backward is kept.
 - ``selective``  SelectiveBlock (.selective, Touvron et al. 2023, Sec. 2.4): the hand-written layer keeps
                  the layer input, the outputs of the linear layers, the attention output and its
-                 log-sum-exp, and the residual sum; norms and the SwiGLU product are recomputed.
+                 log-sum-exp, and the residual sum; norms and the SwiGLU product are recomputed. It
+                 computes the LoRA updates of adapted projections itself (keeping u and dropout masks).
 - ``full``       CheckpointedBlock (.checkpointed): only the layer input is kept.
 
 `apply_activation_mode` replaces every layer of the model by a block of the chosen class built from the

@@ -38,6 +38,20 @@ Backward of each half, with `overlap` (asynchronous handles, as llama_pt.paralle
 Weight gradients are returned for the parameters themselves, so autograd accumulates them into .grad
 through the parameters' AccumulateGrad nodes and the parameter hooks of llama_pt.parallel.tensor_parallel (sum of
 sequence-parallel norm weights over TP, of replicated kv heads over their replicas) run as for autograd.
+
+LoRA (llama_pt.adapters.lora): a projection with an update (`adapter_of(linear)`) gets (alpha / r) B A
+(x * noise) added to its output, computed here; A and B are extra inputs of the functions (None where not
+adapted), their gradients returned like the weights' (so A's sum over TP and B's over kv replicas run).
+  column (q/k/v, w1/w3)  u = A (full input * noise), saved with the dropout mask (bool); in backward
+                         (dU = scale dZ B, A) joins column_parallel_backward with the projections' pairs:
+                         (dU A) * noise enters dgrad before the TP reduction, dA = dU^T (X * noise)
+                         is computed while it is in flight
+  row (wo, w2)           partial A_r (x_r * noise) all-reduced over TP into u (saved, full sequence), B
+                         maps back this rank's sequence shard of u under SP; in backward the gathered
+                         output gradient gives the complete dB and dU, dA = dU^T (x_r * noise) the rank's
+                         columns, and (dU A_r) * noise joins the gradient of o or of silu(a) * u
+Dropout noise is drawn as LowRankUpdate draws it, in autograd's order, so every mode and layout drops the
+same elements for the same random state. Without adapters nothing of this runs.
 """
 from __future__ import annotations
 
@@ -47,12 +61,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..adapters.lora import LowRankUpdate, adapter_of, dropout_noise
 from ..model.llama import TransformerBlock, _at_least_fp32, apply_rope
 from ..ops.attention import resolve_attention_backend
 from ..ops.attention_kernels import AttentionState, attention_backward, attention_forward, select_kernel
 from ..parallel import comm
 from ..parallel.comm import BWD, FWD
-from ..parallel.layers import TPContext, column_parallel_backward
+from ..parallel.layers import ShardSpec, TPContext, column_parallel_backward
 
 
 @dataclass(frozen=True)
@@ -156,73 +171,249 @@ def _output_grad(dy: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def _column_backward(grads: list[torch.Tensor], weights: list[torch.Tensor], gather: comm.Pending,
-                     spec: LayerSpec, needs: list[bool]) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+                     spec: LayerSpec, needs: list[bool],
+                     masks: Optional[list[Optional[torch.Tensor]]] = None
+                     ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
     return column_parallel_backward(grads, weights, gather, spec.group, spec.sequence_parallel, spec.overlap,
-                                    spec.compute_dtype, needs)
+                                    spec.compute_dtype, needs, masks)
+
+
+# ---- the low-rank updates of adapted projections (LoRA, llama_pt.adapters.lora) ----
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """How one adapted projection's update (alpha / r) B A (x * noise) runs in a layer call: `scale` = alpha / r,
+    `dropout` the probability this call applies (0 outside training), `columns` the input columns of a
+    row-parallel A (its dropout noise is drawn for the full width, as LowRankUpdate.noise draws it)."""
+    scale: float
+    dropout: float
+    columns: Optional[ShardSpec]
+
+    @classmethod
+    def of(cls, adapter: LowRankUpdate) -> "LowRankSpec":
+        return cls(adapter.scale, adapter.active_dropout, getattr(adapter.lora_A, "tp_shard", None))
+
+
+NOT_ADAPTED = (None, None)  # (A, B) of a projection without an update
+
+
+def _low_rank_inputs(linears) -> tuple[tuple[Optional[LowRankSpec], ...], list[Optional[torch.Tensor]]]:
+    """The specs of the projections' updates and their (A, B) parameters, flat (None where not adapted)."""
+    specs, tensors = [], []
+    for linear in linears:
+        adapter = adapter_of(linear)
+        specs.append(None if adapter is None else LowRankSpec.of(adapter))
+        tensors += NOT_ADAPTED if adapter is None else (adapter.lora_A, adapter.lora_B)
+    return tuple(specs), tensors
+
+
+def _pairs(ab: tuple, n: int) -> list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """(A, B) per projection from the functions' trailing inputs (none given: no projection adapted)."""
+    return [(ab[2 * i], ab[2 * i + 1]) for i in range(n)] if ab else [NOT_ADAPTED] * n
+
+
+def _down(x: torch.Tensor, a: torch.Tensor, low: LowRankSpec, cdt: torch.dtype
+          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """u = A (x * noise) [.., r] and the dropout mask to keep for backward (bool; None without dropout)."""
+    noise = None if low.dropout == 0 else dropout_noise(x, low.dropout, low.columns)
+    u = F.linear(x if noise is None else x * noise, _cast(a, cdt))
+    return u, None if noise is None else noise != 0
+
+
+def _up(u: torch.Tensor, b: torch.Tensor, low: LowRankSpec, cdt: torch.dtype) -> torch.Tensor:
+    return low.scale * F.linear(u, _cast(b, cdt))
+
+
+def _noise(keep: Optional[torch.Tensor], low: LowRankSpec, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The forward's dropout multiplier, rebuilt exactly from its mask (the Bernoulli draws are 0 or 1)."""
+    return None if keep is None else keep.to(dtype).div_(1 - low.dropout)
+
+
+def _column_forward(full: torch.Tensor, weights, lows, pairs, cdt: torch.dtype):
+    """Z_i = full W_i^T for column-parallel projections reading the (gathered) input, plus the update of the
+    adapted ones; in projection order, the order of the dropout draws autograd makes. Returns the outputs
+    and, per projection, (u, mask) to keep (None, None where not adapted)."""
+    outs, kept = [], []
+    for w, low, (a, b) in zip(weights, lows, pairs):
+        z = F.linear(full, _cast(w, cdt))
+        if low is None:
+            kept.append(NOT_ADAPTED)
+        else:
+            u, keep = _down(full, a, low, cdt)
+            z = z + _up(u, b, low, cdt)
+            kept.append((u, keep))
+        outs.append(z)
+    return outs, kept
+
+
+def _row_forward(x_in: torch.Tensor, w: torch.Tensor, low: Optional[LowRankSpec], pair, spec: LayerSpec):
+    """The row-parallel projection summed over TP (a sequence shard under SP) plus its update: this rank's
+    partial products A_r (x_r * noise) [b, s, r] are all-reduced into the full u, and B maps back only this
+    rank's sequence shard of u under SP (as RowParallelLinear cuts the update). Returns the output, u and
+    the mask."""
+    cdt = spec.compute_dtype
+    y = _reduce_output(F.linear(x_in, _cast(w, cdt)), spec)
+    if low is None:
+        return y, None, None
+    a, b = pair
+    u, keep = _down(x_in, a, low, cdt)
+    u = comm.all_reduce(u, spec.group, FWD).wait()
+    return y + _up(comm.split_seq(u, spec.group) if spec.sequence_parallel else u, b, low, cdt), u, keep
+
+
+def _row_backward(g: torch.Tensor, x_in: torch.Tensor, d_in: torch.Tensor, low: LowRankSpec, pair, u, keep,
+                  needs: tuple[bool, bool], cdt: torch.dtype) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The update's backward for a row-parallel projection with input x_in. g, the gradient of the output over
+    the full sequence, is the same on every rank, so dU = scale g B and dB = scale g^T u are complete on each
+    (B is replicated); dA = dU^T (x_in * noise) is this rank's columns, and (dU A) * noise is added to d_in,
+    the gradient of x_in. Returns (dA, dB), None where not needed."""
+    a, b = pair
+    du = torch.matmul(g, _cast(b, cdt)).mul_(low.scale)
+    db = torch.matmul(_flat(g).t(), _flat(u)).mul_(low.scale).to(b.dtype) if needs[1] else None
+    noise = _noise(keep, low, cdt)
+    term = torch.matmul(du, _cast(a, cdt))
+    d_in.add_(term if noise is None else term.mul_(noise))
+    da = (torch.matmul(_flat(du).t(), _flat(x_in if noise is None else x_in * noise)).to(a.dtype)
+          if needs[0] else None)
+    return da, db
+
+
+def _column_terms(dz: list[torch.Tensor], lows, pairs, kept, needs: list[tuple[bool, bool]], cdt: torch.dtype):
+    """The updates' share of the column-parallel backward, for column_parallel_backward to run with the
+    projections' own: per adapted projection the pair (dU, A) with dU = scale dZ B ([b, s, r], partial over
+    TP: this rank's output rows), its dropout multiplier as the input mask, and dB = scale dZ^T u.
+    Returns the extra (grads, weights, needs, masks), the adapted projections' indices and the dB list."""
+    grads, weights, need_a, masks, adapted = [], [], [], [], []
+    dbs: list[Optional[torch.Tensor]] = [None] * len(dz)
+    for i, (g, low, (a, b), (u, keep), (na, nb)) in enumerate(zip(dz, lows, pairs, kept, needs)):
+        if low is None:
+            continue
+        grads.append(torch.matmul(g, _cast(b, cdt)).mul_(low.scale))
+        dbs[i] = torch.matmul(_flat(g).t(), _flat(u)).mul_(low.scale).to(b.dtype) if nb else None
+        weights.append(a)
+        need_a.append(na)
+        masks.append(_noise(keep, low, cdt))
+        adapted.append(i)
+    return grads, weights, need_a, masks, adapted, dbs
+
+
+def _interleave(das: list[Optional[torch.Tensor]], dbs: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    return [t for pair in zip(das, dbs) for t in pair]
+
+
+def _adapter_needs(needs: tuple[bool, ...], first: int, n: int) -> list[tuple[bool, bool]]:
+    """(A needs a gradient, B needs one) per projection; the trailing inputs start at index `first`."""
+    return [(first + 2 * i < len(needs) and needs[first + 2 * i],
+             first + 2 * i + 1 < len(needs) and needs[first + 2 * i + 1]) for i in range(n)]
+
+
+def _column_backward_with_updates(dz: list[torch.Tensor], weights: list[torch.Tensor], gather: comm.Pending,
+                                  spec: LayerSpec, needs_w: list[bool], lows, pairs, kept,
+                                  needs_ab: list[tuple[bool, bool]]):
+    """column_parallel_backward over the projections and their updates' (dU, A) pairs together: the updates'
+    input gradients join dgrad before the one TP reduction, dA_i = dU_i^T (X * noise_i) is computed with the
+    weight gradients while it is in flight (A's hook then sums it over TP). Returns dX, the weight gradients
+    and the (dA, dB) of every projection, interleaved."""
+    grads, extra_w, need_a, masks, adapted, dbs = _column_terms(dz, lows, pairs, kept, needs_ab, spec.compute_dtype)
+    n = len(weights)
+    dx, dws = _column_backward(list(dz) + grads, list(weights) + extra_w, gather, spec, needs_w + need_a,
+                               [None] * n + masks if adapted else None)
+    das: list[Optional[torch.Tensor]] = [None] * n
+    for i, da in zip(adapted, dws[n:]):
+        das[i] = da
+    return dx, dws[:n], _interleave(das, dbs)
 
 
 class _AttentionHalf(torch.autograd.Function):
+    """h = x + Wo attn(...); trailing inputs: (A, B) of wq, wk, wv, wo (None where not adapted), `lows`
+    their LowRankSpecs."""
+
     @staticmethod
-    def forward(ctx, x, norm_w, wq, wk, wv, wo, cos, sin, spec: LayerSpec):
+    def forward(ctx, x, norm_w, wq, wk, wv, wo, cos, sin, spec: LayerSpec, lows=(None,) * 4, *ab):
         cdt = spec.compute_dtype
+        pairs = _pairs(ab, 4)
         with torch.autocast(x.device.type, enabled=False):
             n1 = rms_norm(x, norm_w, spec.eps)[0].to(cdt)
             full = _gather_input(n1, spec, FWD).wait()
             b, s = full.shape[:2]
-            q, k, v = (F.linear(full, _cast(w, cdt)).view(b, s, -1, spec.head_dim) for w in (wq, wk, wv))
+            qkv, kept = _column_forward(full, (wq, wk, wv), lows[:3], pairs[:3], cdt)
+            q, k, v = (t.view(b, s, -1, spec.head_dim) for t in qkv)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             state = attention_forward(q, k, v, spec.kernel)
             o = state.out.reshape(b, s, -1)
-            h = x + _reduce_output(F.linear(o, _cast(wo, cdt)), spec)
-        ctx.save_for_backward(x, norm_w, wq, wk, wv, wo, q, k, v, o, state.lse, cos, sin)
-        ctx.spec, ctx.extras = spec, state.extras
+            y, u_o, keep_o = _row_forward(o, wo, lows[3], pairs[3], spec)
+            h = x + y
+        kept.append((u_o, keep_o))
+        ctx.save_for_backward(x, norm_w, wq, wk, wv, wo, q, k, v, o, state.lse, cos, sin,
+                              *(t for pair in pairs for t in pair), *(t for pair in kept for t in pair))
+        ctx.spec, ctx.extras, ctx.lows = spec, state.extras, lows
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        x, norm_w, wq, wk, wv, wo, q, k, v, o, lse, cos, sin = ctx.saved_tensors
-        spec, needs = ctx.spec, ctx.needs_input_grad
+        x, norm_w, wq, wk, wv, wo, q, k, v, o, lse, cos, sin, *rest = ctx.saved_tensors
+        pairs, kept = _pairs(rest[:8], 4), _pairs(rest[8:], 4)
+        spec, needs, lows = ctx.spec, ctx.needs_input_grad, ctx.lows
+        needs_ab = _adapter_needs(needs, 10, 4)
+        cdt = spec.compute_dtype
         g = _output_grad(dh, spec)
         n1, normed, rstd = rms_norm(x, norm_w, spec.eps)
-        gather = _gather_input(n1.to(spec.compute_dtype), spec, BWD)
+        gather = _gather_input(n1.to(cdt), spec, BWD)
         b, s = g.shape[:2]
-        d_o = torch.matmul(g, _cast(wo, spec.compute_dtype))
+        d_o = torch.matmul(g, _cast(wo, cdt))
         dwo = torch.matmul(_flat(g).t(), _flat(o)).to(wo.dtype) if needs[5] else None
+        dab_o = (_row_backward(g, o, d_o, lows[3], pairs[3], *kept[3], needs_ab[3], cdt) if lows[3] is not None
+                 else NOT_ADAPTED)
         state = AttentionState(spec.kernel, o.view(b, s, -1, spec.head_dim), lse, ctx.extras)
         dq, dk, dv = attention_backward(d_o.view(b, s, -1, spec.head_dim), q, k, v, state)
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
-        dn, (dwq, dwk, dwv) = _column_backward([t.reshape(b, s, -1) for t in (dq, dk, dv)], [wq, wk, wv],
-                                               gather, spec, list(needs[2:5]))
+        dn, (dwq, dwk, dwv), dab = _column_backward_with_updates(
+            [t.reshape(b, s, -1) for t in (dq, dk, dv)], [wq, wk, wv], gather, spec, list(needs[2:5]),
+            lows[:3], pairs[:3], kept[:3], needs_ab[:3])
         dx, dnorm = rms_norm_backward(dn, x, normed, rstd, norm_w, needs[1])
-        return dh + dx, dnorm, dwq, dwk, dwv, dwo, None, None, None
+        return dh + dx, dnorm, dwq, dwk, dwv, dwo, None, None, None, None, *dab, *dab_o
 
 
 class _MLPHalf(torch.autograd.Function):
+    """y = h + W2 (silu(W1 n2) * W3 n2); trailing inputs: (A, B) of w1, w3, w2 (None where not adapted),
+    `lows` their LowRankSpecs."""
+
     @staticmethod
-    def forward(ctx, h, norm_w, w1, w3, w2, spec: LayerSpec):
+    def forward(ctx, h, norm_w, w1, w3, w2, spec: LayerSpec, lows=(None,) * 3, *ab):
         cdt = spec.compute_dtype
+        pairs = _pairs(ab, 3)
         with torch.autocast(h.device.type, enabled=False):
             n2 = rms_norm(h, norm_w, spec.eps)[0].to(cdt)
             full = _gather_input(n2, spec, FWD).wait()
-            a, u = F.linear(full, _cast(w1, cdt)), F.linear(full, _cast(w3, cdt))
-            y = h + _reduce_output(F.linear(swiglu(a, u), _cast(w2, cdt)), spec)
-        ctx.save_for_backward(h, norm_w, w1, w3, w2, a, u)
-        ctx.spec = spec
+            (a, u), kept = _column_forward(full, (w1, w3), lows[:2], pairs[:2], cdt)
+            z, u_2, keep_2 = _row_forward(swiglu(a, u), w2, lows[2], pairs[2], spec)
+            y = h + z
+        kept.append((u_2, keep_2))
+        ctx.save_for_backward(h, norm_w, w1, w3, w2, a, u,
+                              *(t for pair in pairs for t in pair), *(t for pair in kept for t in pair))
+        ctx.spec, ctx.lows = spec, lows
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        h, norm_w, w1, w3, w2, a, u = ctx.saved_tensors
-        spec, needs = ctx.spec, ctx.needs_input_grad
+        h, norm_w, w1, w3, w2, a, u, *rest = ctx.saved_tensors
+        pairs, kept = _pairs(rest[:6], 3), _pairs(rest[6:], 3)
+        spec, needs, lows = ctx.spec, ctx.needs_input_grad, ctx.lows
+        needs_ab = _adapter_needs(needs, 7, 3)
+        cdt = spec.compute_dtype
         g = _output_grad(dy, spec)
         n2, normed, rstd = rms_norm(h, norm_w, spec.eps)
-        gather = _gather_input(n2.to(spec.compute_dtype), spec, BWD)
-        dp = torch.matmul(g, _cast(w2, spec.compute_dtype))
-        dw2 = torch.matmul(_flat(g).t(), _flat(swiglu(a, u))).to(w2.dtype) if needs[4] else None
+        gather = _gather_input(n2.to(cdt), spec, BWD)
+        dp = torch.matmul(g, _cast(w2, cdt))
+        p = swiglu(a, u) if needs[4] or lows[2] is not None else None
+        dw2 = torch.matmul(_flat(g).t(), _flat(p)).to(w2.dtype) if needs[4] else None
+        dab_2 = (_row_backward(g, p, dp, lows[2], pairs[2], *kept[2], needs_ab[2], cdt) if lows[2] is not None
+                 else NOT_ADAPTED)
         da, du = swiglu_backward(dp, a, u)
-        dn, (dw1, dw3) = _column_backward([da, du], [w1, w3], gather, spec, list(needs[2:4]))
+        dn, (dw1, dw3), dab = _column_backward_with_updates([da, du], [w1, w3], gather, spec, list(needs[2:4]),
+                                                            lows[:2], pairs[:2], kept[:2], needs_ab[:2])
         dh, dnorm = rms_norm_backward(dn, h, normed, rstd, norm_w, needs[1])
-        return dy + dh, dnorm, dw1, dw3, dw2, None
+        return dy + dh, dnorm, dw1, dw3, dw2, None, None, *dab, *dab_2
 
 
 def layer_spec(block: "SelectiveBlock", x: torch.Tensor) -> LayerSpec:
@@ -255,6 +446,8 @@ class SelectiveBlock(TransformerBlock):
             return super().forward(x, cos, sin, start_pos, cache)
         spec = layer_spec(self, x)
         attn, ffn = self.attention, self.feed_forward
+        lows, ab = _low_rank_inputs((attn.wq, attn.wk, attn.wv, attn.wo))
         h = _AttentionHalf.apply(x, self.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight,
-                                 attn.wo.weight, cos, sin, spec)
-        return _MLPHalf.apply(h, self.ffn_norm.weight, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight, spec)
+                                 attn.wo.weight, cos, sin, spec, lows, *ab)
+        lows, ab = _low_rank_inputs((ffn.w1, ffn.w3, ffn.w2))
+        return _MLPHalf.apply(h, self.ffn_norm.weight, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight, spec, lows, *ab)

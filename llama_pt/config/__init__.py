@@ -4,7 +4,7 @@ the composed Hydra config into a validated RunConfig.
 - fields.py    ConfigError (one line naming the field) and the unknown-field check
 - model.py     ModelConfig, parameter and FLOP counts, the model presets
 - hf_model.py  Hugging Face's config.json <-> ModelConfig
-- sections.py  the train / optim / parallel / data / fault sections, the names each choice may take
+- sections.py  the train / optim / parallel / data / fault / peft sections, the names each choice may take
 - layout.py    whether a parallel layout can shard a model over N processes
 - run.py       RunConfig and resolve()
 - compose.py   the config train.py would see, for tools and tests
@@ -16,9 +16,9 @@ from .layout import validate_layout
 from .model import PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
 from .run import RunConfig, resolve
 from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PRECISIONS, ZERO_STAGES, DataConfig,
-                       FaultConfig, OptimConfig, ParallelConfig, TrainConfig)
+                       FaultConfig, OptimConfig, ParallelConfig, PeftConfig, TrainConfig)
 
 __all__ = ["ACTIVATION_MODES", "ATTENTION_BACKENDS", "COMM_BACKENDS", "ConfigError", "DataConfig", "FaultConfig",
-           "ModelConfig", "OptimConfig", "PRECISIONS", "PRESETS", "ParallelConfig", "RunConfig", "TrainConfig",
-           "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token", "get_preset",
+           "ModelConfig", "OptimConfig", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig", "RunConfig",
+           "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token", "get_preset",
            "reject_unknown_fields", "resolve", "validate_layout"]

@@ -1,7 +1,8 @@
 """Hugging Face's Llama config.json and our ModelConfig, both ways (torch-free).
 
 `hf_config` writes the config.json of a LlamaForCausalLM with the architecture of Llama(cfg), plus a
-`llama_pt` entry recording how the SwiGLU width was derived; `model_config_from_hf` reads one back, and
+`llama_pt` entry recording how the SwiGLU width was derived and the vocabulary padding; vocab_size is the
+real vocabulary (the folder's tables have no padding rows). `model_config_from_hf` reads one back, and
 refuses with one line naming the field anything llama_pt cannot represent (biases, tied embeddings,
 scaled or partial RoPE, another activation).
 """
@@ -43,8 +44,10 @@ def hf_config(cfg: ModelConfig, dtype: Any, bos_id: int = 1, eos_id: int = 2) ->
         "use_cache": True,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
-        # How llama_pt derives intermediate_size, so that import_hf gives back the very same ModelConfig.
-        "llama_pt": {"multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier},
+        # How llama_pt derives intermediate_size and pads the vocabulary, so that import_hf gives back the very
+        # same ModelConfig.
+        "llama_pt": {"multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier,
+                     "vocab_multiple": cfg.vocab_multiple},
     }
 
 
@@ -98,7 +101,8 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
     dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     if config.get("head_dim") not in (None, dim // n_heads):
         refuse("head_dim", config["head_dim"], f"must be hidden_size/num_attention_heads={dim // n_heads}")
-    multiple_of, multiplier = _ffn_shape(dim, int(need("intermediate_size")), config.get("llama_pt") or {}, where)
+    hint = config.get("llama_pt") or {}
+    multiple_of, multiplier = _ffn_shape(dim, int(need("intermediate_size")), hint, where)
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     try:
         return ModelConfig(
@@ -107,6 +111,7 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
             ffn_dim_multiplier=multiplier, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta), max_seq_len=int(config.get("max_position_embeddings", 2048)),
             init_std=float(config.get("initializer_range", 0.02)),
+            vocab_multiple=int(hint.get("vocab_multiple", ModelConfig.vocab_multiple)),
         ).validate()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

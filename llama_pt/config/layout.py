@@ -31,8 +31,10 @@ def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, se
     if model.ffn_hidden_dim % t:
         raise ConfigError(f"model.ffn_hidden_dim={model.ffn_hidden_dim} (from model.dim, multiple_of, "
                           f"ffn_dim_multiplier) is not divisible by parallel.tensor_parallel={t}")
-    if model.vocab_size % t:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor_parallel={t}")
+    if model.padded_vocab_size % t:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} padded to a multiple of model.vocab_multiple="
+                          f"{model.vocab_multiple} ({model.padded_vocab_size}) is not divisible by "
+                          f"parallel.tensor_parallel={t}")
     if cfg.sequence_parallel and seq_len % t:
         raise ConfigError(f"{seq_len_field}={seq_len} is not divisible by parallel.tensor_parallel={t} "
                           f"(needed by parallel.sequence_parallel)")

@@ -3,6 +3,12 @@
 Touvron et al. 2023 (LLaMA), Section 2.2: pre-normalisation with RMSNorm, SwiGLU with a hidden size
 of 2/3 * 4d (rounded up to a multiple of `multiple_of`), rotary embeddings. Llama-2/3 add grouped-query
 attention (`n_kv_heads`) and `ffn_dim_multiplier`.
+
+Vocabulary padding: the embedding and the output head have `padded_vocab_size` rows, `vocab_size` rounded up
+to a multiple of `vocab_multiple` (Megatron's make-vocab-size-divisible-by), so that a vocabulary grown to a
+new tokenizer (Cui et al. 2023, Chinese-LLaMA: 32000 + 17953 pieces) still splits over tensor-parallel
+ranks. Rows from `vocab_size` on are padding: zero, never looked up, their logits masked out of the loss,
+perplexity and sampling (llama_pt.model.vocab), and left out of Hugging Face folders.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     init_std: float = 0.02
+    vocab_multiple: int = 64
 
     @property
     def kv_heads(self) -> int:
@@ -33,6 +40,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -44,7 +56,7 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
         """Raise ConfigError naming the first invalid field."""
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "vocab_multiple"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be positive")
         if self.dim % self.n_heads:
@@ -66,15 +78,26 @@ class ModelConfig:
         reject_unknown_fields(cls, values, prefix)
         return cls(**values).validate(prefix)
 
+    @classmethod
+    def from_stored(cls, values: dict[str, Any], prefix: str = "model") -> "ModelConfig":
+        """The config a checkpoint stored. One written before vocabulary padding existed has no vocab_multiple
+        and tables of exactly vocab_size rows: it gets the default (64) when that pads nothing, so that it equals
+        a config left at the default, else 1."""
+        if "vocab_multiple" not in values:
+            default = cls.vocab_multiple
+            values = {**values, "vocab_multiple": default if values.get("vocab_size", 0) % default == 0 else 1}
+        return cls.from_dict(values, prefix)
+
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Exact parameter count of `Llama(cfg)` from the config alone (untied embedding and head)."""
+    """Exact parameter count of `Llama(cfg)` from the config alone (untied embedding and head, padding rows
+    included)."""
     d, hd = cfg.dim, cfg.head_dim
     attention = d * (cfg.n_heads * hd) + 2 * d * (cfg.kv_heads * hd) + (cfg.n_heads * hd) * d
     ffn = 3 * d * cfg.ffn_hidden_dim
     norms = 2 * d
     per_layer = attention + ffn + norms
-    return cfg.n_layers * per_layer + 2 * cfg.vocab_size * d + d
+    return cfg.n_layers * per_layer + 2 * cfg.padded_vocab_size * d + d
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -83,7 +106,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The attention term is 12 * n_layers * dim * seq_len (PaLM, Chowdhery et al. 2022, Appendix B:
     QK^T and AV, forward and backward, without exploiting the causal mask).
     """
-    n_matmul = count_parameters(cfg) - cfg.vocab_size * cfg.dim
+    n_matmul = count_parameters(cfg) - cfg.padded_vocab_size * cfg.dim
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 

@@ -1,9 +1,10 @@
 """The composed Hydra config of a run resolved into one typed, validated RunConfig — the only place it is.
 
 `resolve(cfg, world_size)` checks every field once, in order: each section's fields, the model (from
-model.preset, or the config.json of the Hugging Face folder train.init_from, plus field overrides), the
-parallel layout for `world_size` processes, the split of the global batch over the data-parallel ranks,
-the optimizer and fault settings. The trainer, the planner and the launcher's check all take its result;
+model.preset, or the config.json of the Hugging Face folder train.init_from with the vocabulary of
+train.init_tokenizer when given, plus field overrides), the parallel layout for `world_size` processes,
+the split of the global batch over the data-parallel ranks,
+the optimizer, fault and peft settings. The trainer, the planner and the launcher's check all take its result;
 none of them validates again. Torch-free.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .hf_model import model_config_from_hf
 from .layout import validate_layout
 from .model import ModelConfig, get_preset
 from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, DataConfig, FaultConfig, OptimConfig, ParallelConfig,
-                       TrainConfig, check_choice, typed_section, validate_fault, validate_optim, validate_train)
+                       PeftConfig, TrainConfig, check_choice, typed_section, validate_fault, validate_optim,
+                       validate_peft, validate_train)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class RunConfig:
     parallel: ParallelConfig
     logging: dict[str, Any]
     fault: FaultConfig = FaultConfig()
+    peft: PeftConfig = PeftConfig()   # adapters on a frozen base (none: full training)
     world_size: int = 1      # processes the config was validated for (tensor x data parallel)
 
     @property
@@ -44,16 +47,26 @@ class RunConfig:
         return self.train.global_batch_sequences // (self.train.micro_batch_size * dp)
 
 
-def resolve_model(values: Mapping[str, Any], init_from: Optional[str] = None) -> tuple[ModelConfig, str, str]:
-    """Base fields (model.preset, or the config of the Hugging Face folder train.init_from) plus the
-    non-null field overrides -> ModelConfig; and the attention backend and activation mode names."""
+def resolve_model(values: Mapping[str, Any], init_from: Optional[str] = None,
+                  init_tokenizer: Optional[str] = None) -> tuple[ModelConfig, str, str]:
+    """Base fields (model.preset, or the config of the Hugging Face folder train.init_from, whose vocab_size
+    becomes the piece count of train.init_tokenizer when given) plus the non-null field overrides ->
+    ModelConfig; and the attention backend and activation mode names."""
     values = dict(values)
     preset = values.pop("preset", None)
     attention = check_choice(values.pop("attention", "auto"), ATTENTION_BACKENDS, "model.attention")
     activation = check_choice(values.pop("activation", "none"), ACTIVATION_MODES, "model.activation")
     overrides = {k: v for k, v in values.items() if v is not None}
+    if init_tokenizer is not None:
+        if init_from is None:
+            raise ConfigError(f"train.init_tokenizer={init_tokenizer} needs train.init_from (the model to grow)")
+        if "vocab_size" in overrides:
+            raise ConfigError(f"model.vocab_size={overrides['vocab_size']} cannot be set with train.init_tokenizer, "
+                              f"whose pieces are the vocabulary")
     if init_from is not None:
         base = _hf_model_config(init_from).to_dict()
+        if init_tokenizer is not None:
+            base["vocab_size"] = _piece_count(init_tokenizer)
     else:
         base = get_preset(preset).to_dict() if preset is not None else {}
     base.update(overrides)
@@ -70,6 +83,24 @@ def _hf_model_config(folder: str) -> ModelConfig:
     return model_config_from_hf(json.loads(path.read_text()), where=str(path))
 
 
+def _piece_count(tokenizer: str) -> int:
+    import sentencepiece as spm  # torch-free, like this layer
+    if not Path(tokenizer).is_file():
+        raise ConfigError(f"train.init_tokenizer={tokenizer} does not exist")
+    try:
+        return spm.SentencePieceProcessor(model_file=tokenizer).get_piece_size()
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"train.init_tokenizer={tokenizer} is not a SentencePiece model ({exc})") from None
+
+
+def _check_peft_run(peft: PeftConfig, train: TrainConfig, activation: str) -> None:
+    """What adapters need from the rest of the run's layout (the base weights a training run needs are
+    checked where it starts: llama_pt.train.model_setup.check_base_weights)."""
+    if peft.method == "qlora" and activation == "selective":
+        raise ConfigError("peft.method=qlora needs model.activation=full or none: the hand-written selective "
+                          "layer reads dense weights, and an NF4 base has none (QLoRA recomputes: use full)")
+
+
 def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     """Validate the composed config (a plain dict, e.g. OmegaConf.to_container(cfg, resolve=True)) for
     `world_size` processes: fields first, then the parallel layout (before any process group exists),
@@ -78,7 +109,7 @@ def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
         if section not in cfg:
             raise ConfigError(f"config section {section!r} is missing")
     train = typed_section(TrainConfig, cfg["train"], "train")
-    model, attention, activation = resolve_model(cfg["model"], train.init_from)
+    model, attention, activation = resolve_model(cfg["model"], train.init_from, train.init_tokenizer)
     optim = typed_section(OptimConfig, cfg["optim"], "optim")
     parallel = ParallelConfig.from_dict(dict(cfg.get("parallel") or {}))
     validate_layout(world_size, parallel, model, train.seq_len, "train.seq_len")
@@ -86,6 +117,9 @@ def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     validate_optim(optim)
     fault = typed_section(FaultConfig, cfg.get("fault") or {}, "fault")
     validate_fault(fault)
+    peft = typed_section(PeftConfig, cfg.get("peft") or {}, "peft")
+    validate_peft(peft, parallel)
+    _check_peft_run(peft, train, activation)
     return RunConfig(model=model, attention=attention, activation=activation, train=train, optim=optim,
                      data=DataConfig.from_dict(cfg["data"]), parallel=parallel,
-                     logging=dict(cfg.get("logging") or {}), fault=fault, world_size=world_size)
+                     logging=dict(cfg.get("logging") or {}), fault=fault, peft=peft, world_size=world_size)

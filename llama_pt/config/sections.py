@@ -64,6 +64,7 @@ class TrainConfig:
     exit_interval: int = 0
     out_dir: str = "runs/default"
     init_from: Optional[str] = None
+    init_tokenizer: Optional[str] = None  # grow init_from's vocabulary to this SentencePiece model (llama_pt.resize)
     sample_prompt: str = ""
     sample_tokens: int = 0
 
@@ -223,3 +224,44 @@ def validate_fault(fault: FaultConfig) -> None:
         raise ConfigError(f"fault.max_bad_steps={fault.max_bad_steps} must not be negative")
 
 
+PEFT_METHODS = ("none", "lora", "qlora")                     # peft.method
+PEFT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")    # peft.targets: a layer's projections
+PEFT_SAVE_MODULES = ("tok_embeddings", "output")             # peft.modules_to_save
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """The `peft` group (configs/peft/*.yaml): finetuning a frozen base through low-rank adapters.
+
+    `lora`: the base frozen in the training precision, a rank-`rank` adapter B A (scaled by alpha/rank) on
+    every projection named in `targets` of every layer (Hu et al. 2021); `qlora`: the same on a base whose
+    projections are stored in 4-bit NormalFloat with double quantisation (Dettmers et al. 2023, Sec. 3).
+    `modules_to_save` are trained in full beside the adapters. Planned by llama_pt.plan (docs/planner.md)."""
+    method: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = PEFT_TARGETS
+    modules_to_save: tuple[str, ...] = ()
+
+
+def validate_peft(peft: PeftConfig, parallel: ParallelConfig) -> None:
+    check_choice(peft.method, PEFT_METHODS, "peft.method")
+    if peft.rank <= 0:
+        raise ConfigError(f"peft.rank={peft.rank} must be a positive integer")
+    if isinstance(peft.alpha, bool) or not isinstance(peft.alpha, (int, float)) or peft.alpha <= 0:
+        raise ConfigError(f"peft.alpha={peft.alpha!r} must be a positive number")
+    if isinstance(peft.dropout, bool) or not isinstance(peft.dropout, (int, float)) or not 0 <= peft.dropout < 1:
+        raise ConfigError(f"peft.dropout={peft.dropout!r} must be a number in [0, 1)")
+    for field, names, known in (("targets", peft.targets, PEFT_TARGETS),
+                                ("modules_to_save", peft.modules_to_save, PEFT_SAVE_MODULES)):
+        if not isinstance(names, tuple):
+            raise ConfigError(f"peft.{field}={names!r} must be a list of names, e.g. [{known[0]}]")
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"peft.{field}: {name!r} is not one of {', '.join(known)}")
+    if peft.method != "none" and not peft.targets:
+        raise ConfigError(f"peft.targets is empty: peft.method={peft.method} needs at least one projection")
+    if peft.method == "qlora" and parallel.tensor_parallel > 1:
+        raise ConfigError(f"peft.method=qlora with parallel.tensor_parallel={parallel.tensor_parallel} is "
+                          f"unsupported: the NF4 base is not sharded (use parallel.tensor_parallel=1)")

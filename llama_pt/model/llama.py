@@ -157,17 +157,21 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock.build(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual-branch outputs (wo, w2) scaled by 1/sqrt(2 * n_layers)."""
+        """Normal(0, init_std) weights; residual-branch outputs (wo, w2) scaled by 1/sqrt(2 * n_layers).
+
+        The padding rows of the embedding and the head (ids >= vocab_size, llama_pt.model.vocab) are zero and
+        stay zero: never looked up, their logits masked, they get no gradient (nor weight decay, being zero).
+        """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -176,6 +180,9 @@ class Llama(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
+        with torch.no_grad():
+            self.tok_embeddings.weight[self.cfg.vocab_size:].zero_()
+            self.output.weight[self.cfg.vocab_size:].zero_()
 
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.layers:
@@ -183,7 +190,8 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0,
                 caches: Optional[list[KVCache]] = None) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for tokens [batch, seq] placed at positions start_pos..."""
+        """Logits [batch, seq, padded vocab] for tokens [batch, seq] placed at positions start_pos...; those of
+        the padding ids are not masked here (llama_pt.model.vocab.mask_padded_vocab)."""
         s = tokens.shape[1]
         if start_pos + s > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + s} exceeds model.max_seq_len={self.cfg.max_seq_len}")

@@ -163,3 +163,12 @@ def split_last(x: torch.Tensor, group) -> torch.Tensor:
     if t == 1:
         return x
     return x.chunk(t, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's sequence shard [b, s/t, ...] of a replicated [b, s, ...] tensor (no communication)."""
+    t = group_size(group)
+    if t == 1:
+        return x
+    _check_seq(x.shape[1], t)
+    return x.chunk(t, dim=1)[dist.get_rank(group)].contiguous()

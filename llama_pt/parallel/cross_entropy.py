@@ -6,6 +6,9 @@ where the sum of exponentials and the target's shifted logit (found on exactly o
 the others) are summed over the group in ONE all-reduce of [2, tokens]. The gradient needs no
 communication: d loss / d z_v = softmax(z)_v - [v == target], each rank for its own columns.
 Communication: 2 all-reduces of 3 * tokens floats in total, against V * tokens for gathering logits.
+
+The padding ids of the vocabulary (llama_pt.model.vocab) are masked on each rank's slice before any of
+this: they take no probability mass and get no gradient.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..model.vocab import mask_padded_vocab
 from . import comm
 from .comm import FWD
 
@@ -48,13 +52,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return softmax.mul_(grad / local.shape[0]), None, None
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
-    """Mean cross-entropy of [..., V/t] local logits (at least float32 math) against [...] global target ids.
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group,
+                                 vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of [..., V/t] local logits (at least float32 math) against [...] global target ids,
+    over the first `vocab_size` ids of the padded vocabulary V.
 
-    Equals F.cross_entropy on the gathered logits; with a one-rank group it is F.cross_entropy.
+    Equals F.cross_entropy on the first vocab_size of the gathered logits; with a one-rank group it is
+    F.cross_entropy on the masked logits.
     """
     logits = logits_local.reshape(-1, logits_local.shape[-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    rank = 0 if group is None else dist.get_rank(group)
+    logits = mask_padded_vocab(logits, vocab_size, start=rank * logits.shape[-1])
     flat = targets.reshape(-1)
     if flat.shape[0] != logits.shape[0]:
         raise ValueError(f"targets have {flat.shape[0]} tokens but the logits have {logits.shape[0]}")

@@ -50,6 +50,11 @@ def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
                 state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
 
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} of the parameters that train (requires_grad), in module order."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
 def counted_in_norm(param: torch.nn.Parameter, pstate: ParallelState) -> bool:
     """Whether this rank's copy of `param` is part of the global gradient norm (counted once over TP)."""
     return bool(getattr(param, "tensor_model_parallel", False)) or pstate.tp_rank == 0
@@ -146,9 +151,10 @@ class PlainDataParallel:
 
     # ---- checkpoint access -------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Any]:
-        """The live tensors: DCP saves from them and loads into them in place."""
-        named = dict(self.module.named_parameters())
-        return {"model": self.module.state_dict(),
+        """The live tensors of what trains (frozen parameters, e.g. a LoRA base, are not part of it): DCP
+        saves from them and loads into them in place."""
+        named = trainable_parameters(self.module)
+        return {"model": {name: p.detach() for name, p in named.items()},
                 "optim": {name: self.optimizer.state[p] for name, p in named.items()}}
 
     def load_state_tensors(self, tensors: dict[str, Any]) -> None:

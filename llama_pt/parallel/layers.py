@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import comm, timeline
 from .comm import BWD, FWD
-from .mappings import copy_to_tp, gather_from_seq, reduce_from_tp, reduce_scatter_to_seq
+from .mappings import copy_to_tp, gather_from_seq, reduce_from_tp, reduce_scatter_to_seq, split_to_seq
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,16 @@ class TPContext:
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split across TP ranks; the output stays split (no gather)."""
+    """Output features split across TP ranks; the output stays split (no gather).
+
+    `adapter`: an optional low-rank update (llama_pt.adapters: `down(x)` to rank r, `up(u)` back) added to
+    the output; it reads the full input (gathered under SP) and its `up` holds this rank's output rows.
+    """
 
     def __init__(self, weight: nn.Parameter, tp: TPContext):
         super().__init__()
         self.weight, self.tp = weight, tp
+        self.adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel(x, (self,))[0]
@@ -79,17 +84,28 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across TP ranks; partial outputs summed (or reduce-scattered under SP)."""
+    """Input features split across TP ranks; partial outputs summed (or reduce-scattered under SP).
+
+    `adapter`: an optional low-rank update whose `down` holds this rank's input columns: its rank-r
+    partial products are summed over TP, `up` (replicated) maps them back, and under SP the result is
+    cut to this rank's sequence shard before it is added.
+    """
 
     def __init__(self, weight: nn.Parameter, tp: TPContext):
         super().__init__()
         self.weight, self.tp = weight, tp
+        self.adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
         if self.tp.sequence_parallel:
-            return reduce_scatter_to_seq(partial, self.tp.group)
-        return reduce_from_tp(partial, self.tp.group)
+            y = reduce_scatter_to_seq(partial, self.tp.group)
+        else:
+            y = reduce_from_tp(partial, self.tp.group)
+        if self.adapter is not None:
+            update = self.adapter.up(reduce_from_tp(self.adapter.down(x), self.tp.group))
+            y = y + (split_to_seq(update, self.tp.group) if self.tp.sequence_parallel else update)
+        return y
 
     def extra_repr(self) -> str:
         return f"out={self.weight.shape[0]}, local_in={self.weight.shape[1]}, shard={self.weight.tp_shard}"
@@ -116,12 +132,27 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def column_parallel(x: torch.Tensor, linears: Sequence[ColumnParallelLinear]) -> tuple[torch.Tensor, ...]:
-    """Apply column-parallel linears that share the input x, with one collective for all of them."""
-    tp = linears[0].tp
-    weights = [lin.weight for lin in linears]
+    """Apply column-parallel linears that share the input x, with one collective for all of them (and one
+    more for their adapters, if any)."""
     if torch.is_autocast_enabled(x.device.type):
         # The matmuls would cast x anyway; casting first moves half the bytes (bf16) through the collective.
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    outputs = _column_parallel_base(x, linears)
+    adapted = [i for i, lin in enumerate(linears) if lin.adapter is not None]
+    if not adapted:
+        return outputs
+    tp = linears[0].tp
+    full = gather_from_seq(x, tp.group) if tp.sequence_parallel else copy_to_tp(x, tp.group)
+    outputs = list(outputs)
+    for i in adapted:
+        adapter = linears[i].adapter
+        outputs[i] = outputs[i] + adapter.up(adapter.down(full))
+    return tuple(outputs)
+
+
+def _column_parallel_base(x: torch.Tensor, linears: Sequence[ColumnParallelLinear]) -> tuple[torch.Tensor, ...]:
+    tp = linears[0].tp
+    weights = [lin.weight for lin in linears]
     if tp.overlap and comm.group_size(tp.group) > 1:
         return _OverlappedColumnParallel.apply(x, tp.group, tp.sequence_parallel, *weights)
     x = gather_from_seq(x, tp.group) if tp.sequence_parallel else copy_to_tp(x, tp.group)
@@ -155,7 +186,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def column_parallel_backward(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], gather: comm.Pending,
                              group, sequence_parallel: bool, overlap: bool, dtype: torch.dtype,
-                             needs: Sequence[bool]) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+                             needs: Sequence[bool], masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                             ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
     """The backward of column-parallel linears Y_i = X W_i^T that share the input X, in the order that
     hides the input's collectives (the one home of this pattern; the hand-written layer uses it too):
 
@@ -164,16 +196,24 @@ def column_parallel_backward(grads: Sequence[torch.Tensor], weights: Sequence[to
       dW_i = dY_i^T X          while that reduction is in flight (for the weights in `needs`).
 
     `grads` are [b, s, out_i] in `dtype`, the matmul dtype; returns this rank's part of dX (a sequence
-    shard under SP) and the weight gradients in the weights' dtypes (None where not needed)."""
+    shard under SP) and the weight gradients in the weights' dtypes (None where not needed).
+    `masks[i]`, where given ([b, s, in] in `dtype`), makes linear i read X * M_i instead of X (dropout on
+    the input of a low-rank adapter): its dgrad term is (dY_i W_i) * M_i and dW_i = dY_i^T (X * M_i)."""
+    masks = masks or [None] * len(weights)
     with timeline.span("dgrad"):
-        grad_in = torch.matmul(grads[0], weights[0].to(dtype))
-        for g, w in zip(grads[1:], weights[1:]):
-            grad_in.add_(torch.matmul(g, w.to(dtype)))
+        grad_in = _masked(torch.matmul(grads[0], weights[0].to(dtype)), masks[0])
+        for g, w, m in zip(grads[1:], weights[1:], masks[1:]):
+            grad_in.add_(_masked(torch.matmul(g, w.to(dtype)), m))
     full = _flat(gather.wait()).to(dtype)
     reduce = (comm.reduce_scatter_seq(grad_in, group, BWD, async_op=overlap) if sequence_parallel
               else comm.all_reduce(grad_in, group, BWD, async_op=overlap))
     grad_weights: list[Optional[torch.Tensor]] = []
     with timeline.span("wgrad"):
-        for g, w, need in zip(grads, weights, needs):
-            grad_weights.append(torch.matmul(_flat(g).t(), full).to(w.dtype) if need else None)
+        for g, w, need, m in zip(grads, weights, needs, masks):
+            grad_weights.append(torch.matmul(_flat(g).t(), full if m is None else full * _flat(m)).to(w.dtype)
+                                if need else None)
     return reduce.wait(), grad_weights
+
+
+def _masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if mask is None else t.mul_(mask)

@@ -8,6 +8,7 @@ operators g and g-bar for sequence parallelism:
   gather_from_seq        forward all-gather(seq)  backward reduce-scatter   (g under SP: before column-parallel)
   reduce_scatter_to_seq  forward reduce-scatter   backward all-gather(seq)  (g-bar under SP: after row-parallel)
   gather_from_tp         forward all-gather(last) backward split            (full logits for evaluation)
+  split_to_seq           forward split(seq)       backward all-gather(seq)  (a replicated output onto SP shards)
 
 All are the identity when the group has one rank.
 """
@@ -77,6 +78,17 @@ class _GatherFromTP(torch.autograd.Function):
         return comm.split_last(grad, ctx.group), None
 
 
+class _SplitToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return comm.split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_gather_seq(grad, ctx.group, BWD).wait(), None
+
+
 def _apply(fn, x: torch.Tensor, group) -> torch.Tensor:
     return x if comm.group_size(group) == 1 else fn.apply(x, group)
 
@@ -99,3 +111,7 @@ def reduce_scatter_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return _apply(_GatherFromTP, x, group)
+
+
+def split_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return _apply(_SplitToSeq, x, group)

@@ -5,7 +5,7 @@
 weight, so a model initialised identically on every rank and then parallelized computes exactly what the
 single-process model computes (docs/parallelism.md):
 
-  tok_embeddings.weight [V, d]      rows (vocabulary)          VocabParallelEmbedding
+  tok_embeddings.weight [V, d]      rows (padded vocabulary)   VocabParallelEmbedding
   wq / w1 / w3 / output [out, d]    rows (heads / hidden / V)  ColumnParallelLinear
   wk / wv [kv*hd, d]                rows, whole kv heads; replicated when n_kv_heads < t
   wo / w2 [d, in]                   columns                    RowParallelLinear
@@ -179,8 +179,10 @@ def parallelize(model: Llama, pstate: ParallelState, *, sequence_parallel: Optio
 
 
 def make_loss_fn(pstate: ParallelState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """loss_fn(logits_local, targets) -> mean token cross-entropy, without gathering the logits."""
-    return functools.partial(vocab_parallel_cross_entropy, group=pstate.tp_group)
+    """loss_fn(logits_local, targets) -> mean token cross-entropy over the real vocabulary (the padding ids
+    masked), without gathering the logits."""
+    return functools.partial(vocab_parallel_cross_entropy, group=pstate.tp_group,
+                             vocab_size=pstate.model_config.vocab_size)
 
 
 def gather_logits(logits_local: torch.Tensor, pstate: ParallelState) -> torch.Tensor:
@@ -189,11 +191,13 @@ def gather_logits(logits_local: torch.Tensor, pstate: ParallelState) -> torch.Te
 
 
 class FullLogits(torch.nn.Module):
-    """A tensor-parallel model seen as one returning full-vocabulary logits (evaluation); run on all TP ranks."""
+    """A tensor-parallel model seen as one returning full-vocabulary logits (evaluation); run on all TP ranks.
+    `cfg` is the model's config, as a plain Llama has it."""
 
     def __init__(self, model: torch.nn.Module, pstate: ParallelState):
         super().__init__()
         self.model, self.pstate = model, pstate
+        self.cfg = pstate.model_config
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return gather_logits(self.model(tokens), self.pstate)

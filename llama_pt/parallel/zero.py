@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..config import ParallelConfig
-from .data_parallel import ADAM_KEYS, init_adamw_state
+from .data_parallel import ADAM_KEYS, init_adamw_state, trainable_parameters
 from .fragment_tensor import FlatFragment
 from .state import ParallelState
 
@@ -138,7 +138,7 @@ class ZeroDataParallel:
         ZeRO partition holds, as views of the fp32 master weights and moments (empty where it holds none)."""
         step = float(self._step_count())
         model, optim = {}, {}
-        for name, p in self.module.named_parameters():
+        for name, p in trainable_parameters(self.module).items():
             mapping = p._hp_mapping  # set by DeepSpeed for every parameter of its groups; None: not in this partition
             if mapping is None:
                 empty = FlatFragment(0, torch.empty(0, dtype=torch.float32, device=p.device))  # fp32 as the partitions
@@ -165,7 +165,7 @@ class ZeroDataParallel:
         """Whole TP shards assembled from the DP partitions (a collective over DP per tensor: call on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         model, optim = {}, {}
-        for name, p in self.module.named_parameters():
+        for name, p in trainable_parameters(self.module).items():
             model[name] = safe_get_full_fp32_param(p)
             optim[name] = {"step": self._step_count(),
                            **{k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}}
@@ -179,7 +179,7 @@ class ZeroDataParallel:
             raise ValueError(f"checkpoint parameters disagree on the optimizer step count: {sorted(steps)}")
         step = steps.pop()
         with torch.no_grad():
-            for name, p in self.module.named_parameters():
+            for name, p in trainable_parameters(self.module).items():
                 master = tensors["model"][name]
                 safe_set_full_fp32_param(p, master)
                 for key in ADAM_KEYS:

@@ -30,6 +30,7 @@ from typing import Optional
 
 GB = 1e9
 MIB = 1024 ** 2
+GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,19 @@ GPUS: dict[str, Accelerator] = {a.key: a for a in (
                 device_names=("NVIDIA A100-SXM4-80GB",), **_A100),
     Accelerator("a100_40gb", "NVIDIA A100 SXM 40GB", memory_bytes=40960 * MIB, hbm_bw=1.555e12,
                 device_names=("NVIDIA A100-SXM4-40GB",), **_A100),
+    # Memory only (no step-time model): the 48 GB and 24 GB cards of QLoRA's claims (docs/planner.md, "LoRA and
+    # QLoRA"), at the capacity of their data sheets (GDDR, in GiB); with ECC on, a GDDR6 card reports about
+    # 1/16 less, and check_fits takes what the device reports.
+    Accelerator("a6000", "NVIDIA RTX A6000 48GB", peak_flops=None, memory_bytes=48 * GIB,  # RTX A6000 data sheet
+                device_names=("NVIDIA RTX A6000",)),
+    Accelerator("l40s", "NVIDIA L40S 48GB", peak_flops=_peak("L40S"), memory_bytes=48 * GIB,  # L40S data sheet
+                device_names=("NVIDIA L40S",)),
+    Accelerator("rtx4090", "NVIDIA GeForce RTX 4090 24GB", peak_flops=None, memory_bytes=24 * GIB,  # RTX 4090 specs
+                device_names=("NVIDIA GeForce RTX 4090",)),
+    Accelerator("a10", "NVIDIA A10 24GB", peak_flops=_peak("A10"), memory_bytes=24 * GIB,  # A10 data sheet
+                device_names=("NVIDIA A10",)),
+    Accelerator("l4", "NVIDIA L4 24GB", peak_flops=_peak("L4"), memory_bytes=24 * GIB,  # L4 data sheet
+                device_names=("NVIDIA L4",)),
 )}
 ALIASES = {"h100_sxm": "h100", "a100": "a100_80gb", "a100-80gb": "a100_80gb", "a100-40gb": "a100_40gb"}
 

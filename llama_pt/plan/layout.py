@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from ..config import ConfigError, ModelConfig, RunConfig, resolve
+from ..config import ConfigError, ModelConfig, PeftConfig, RunConfig, resolve
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Layout:
     activation: str          # none | selective | full
     precision: str           # bf16 (mixed, fp32 master) | fp32
     bucket_size: int         # elements per ZeRO reduce / all-gather bucket
+    peft: PeftConfig = PeftConfig()  # adapters on a frozen base (method none: full training)
 
     @property
     def dp(self) -> int:
@@ -77,4 +78,5 @@ def layout_from_config(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int
                   global_batch_tokens=run.train.global_batch_tokens, world_size=world_size,
                   gpus_per_node=gpus_per_node, tp=t, sp=pcfg.sequence_parallel and t > 1,
                   overlap=pcfg.overlap, zero_stage=pcfg.zero_stage, activation=run.activation,
-                  precision=precision_for(run.train.precision, device_type), bucket_size=pcfg.bucket_size)
+                  precision=precision_for(run.train.precision, device_type), bucket_size=pcfg.bucket_size,
+                  peft=run.peft)

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional, Union
 from ..config import ACTIVATION_MODES, ZERO_STAGES, RunConfig, count_parameters
 from .hardware import Accelerator, cpu_host, gpu_from_device_name
 from .layout import Layout, layout_from_config
-from .memory import STATE_BYTES, MemoryPlan, local_parameters, memory_plan
+from ..adapters.nf4 import NF4_BYTES_PER_PARAMETER
+from .memory import STATE_BYTES, MemoryPlan, memory_plan, trainable_parameters
 from .throughput import StepTime, step_time
 
 GIB = 1024 ** 3
@@ -30,7 +31,8 @@ class Plan:
     memory: MemoryPlan
     by_zero_stage: dict[int, int]        # peak bytes at each ZeRO stage (others as configured)
     by_activation: dict[str, int]        # peak bytes with each activation mode (others as configured)
-    time: Optional[StepTime]             # None when the accelerator has no timing data (CPU, unknown GPU)
+    time: Optional[StepTime]             # None when the accelerator has no timing data (CPU, unknown GPU) or
+                                         # under PEFT (the time model is full training's)
 
     @property
     def fits(self) -> bool:
@@ -45,8 +47,9 @@ class Plan:
                  if s != self.layout.zero_stage and self.by_zero_stage[s] <= self.gpu.memory_bytes]
         hints += [f"model.activation={a}" for a in ACTIVATION_MODES
                   if a != self.layout.activation and self.by_activation[a] <= self.gpu.memory_bytes]
+        tp = "" if self.layout.peft.method == "qlora" else ", raise parallel.tensor_parallel"
         hint = (f"; would fit with {' or '.join(hints)}" if hints else "; no ZeRO stage or activation mode alone "
-                "fits: add GPUs, raise parallel.tensor_parallel or lower train.micro_batch_size")
+                f"fits: add GPUs{tp} or lower train.micro_batch_size")
         per = "per process" if self.gpu.key == "cpu" else "per GPU"
         return (f"the run does not fit: predicted peak {gib(mem.peak)} GiB {per} > {gib(self.gpu.memory_bytes)} GiB "
                 f"on {self.gpu.name} ({parts} GiB){hint}")
@@ -71,7 +74,7 @@ def make_plan(cfg: Union[RunConfig, Mapping[str, Any]], gpu: Accelerator, world_
     memory = memory_plan(layout, gpu.reserve_bytes)
     by_stage = {s: memory_plan(layout, gpu.reserve_bytes, zero_stage=s).peak for s in (0, 1, 2, 3)}
     by_mode = {a: memory_plan(replace(layout, activation=a), gpu.reserve_bytes).peak for a in ACTIVATION_MODES}
-    timing = step_time(layout, gpu) if gpu.has_timing else None
+    timing = step_time(layout, gpu) if gpu.has_timing and layout.peft.method == "none" else None
     return Plan(layout, gpu, memory, by_stage, by_mode, timing)
 
 
@@ -100,13 +103,21 @@ def _table(rows: list[tuple[str, str]], indent: str = "  ") -> list[str]:
 
 def _memory_lines(plan: Plan) -> list[str]:
     lay, mem, gib = plan.layout, plan.memory, lambda b: f"{b / GIB:8.2f}"  # noqa: E731
-    psi = local_parameters(lay.model, lay.tp)
+    psi = trainable_parameters(lay)
     w, g, o = STATE_BYTES[lay.precision]
     opt = "fp32 master + Adam m, v" if lay.precision == "bf16" else "Adam m, v"
     def sharded(stage: int) -> str:
         return f" / {lay.dp} (ZeRO-{lay.zero_stage})" if lay.zero_stage >= stage and lay.dp > 1 else ""
-    rows = [(f"weights ({psi / 1e9:.3g}B local parameters x {w} B{sharded(3)})", gib(mem.states["weights"])),
-            (f"gradients ({g} B{sharded(2)})", gib(mem.states["gradients"])),
+    if lay.peft.method == "none":
+        rows = [(f"weights ({psi / 1e9:.3g}B local parameters x {w} B{sharded(3)})", gib(mem.states["weights"]))]
+    else:
+        base = (f"NF4 projections {NF4_BYTES_PER_PARAMETER:.4f} B/param, the rest {w} B" if lay.peft.method == "qlora"
+                else f"{w} B per parameter")
+        saved = "".join(f" + {name}" for name in lay.peft.modules_to_save)
+        rows = [(f"frozen base ({base}{sharded(3)})", gib(mem.states["frozen_base"])),
+                (f"weights ({psi / 1e6:.1f}M trainable: LoRA r={lay.peft.rank}{saved} x {w} B{sharded(3)})",
+                 gib(mem.states["weights"]))]
+    rows += [(f"gradients ({g} B{sharded(2)})", gib(mem.states["gradients"])),
             (f"optimizer ({opt}: {o} B{sharded(1)})", gib(mem.states["optimizer"])),
             (f"activations ({lay.activation}, one micro-batch of {lay.micro_batch} x {lay.seq_len})",
              gib(sum(mem.activations.values())))]
@@ -130,6 +141,8 @@ def _memory_lines(plan: Plan) -> list[str]:
 def _time_lines(plan: Plan) -> list[str]:
     tm, gpu, lay = plan.time, plan.gpu, plan.layout
     if tm is None:
+        if lay.peft.method != "none":
+            return [f"step time: not modelled for peft.method={lay.peft.method} (the time model is full training's)"]
         return [f"step time: no prediction for {gpu.name} (no peak FLOP/s and bandwidth table entry)"]
     step = tm.step
     link_bw = {"nvlink": f"NVLink {gpu.nvlink_bw / 1e9:.0f} GB/s x {gpu.nvlink_eff:.2f}",
@@ -162,12 +175,14 @@ def format_report(plan: Plan, steps: Optional[int] = None) -> str:
     lay, gpu = plan.layout, plan.gpu
     n = count_parameters(lay.model)
     sp = " + sequence parallel" if lay.sp else ""
+    peft = (f"; {lay.peft.method} r={lay.peft.rank} on {' '.join(lay.peft.targets)}" if lay.peft.method != "none"
+            else "")
     head = [f"plan: {n / 1e9:.2f}B-parameter LLaMA ({lay.model.n_layers} layers, dim {lay.model.dim}) on "
             f"{lay.nodes} node(s) x {lay.gpus_per_node} = {lay.world_size} x {gpu.name}",
             f"layout: TP {lay.tp}{sp}{' (overlap)' if lay.overlap and lay.tp > 1 else ''} x DP {lay.dp}, "
             f"ZeRO-{lay.zero_stage}, activations {lay.activation}, {lay.precision}; seq {lay.seq_len}, "
             f"micro-batch {lay.micro_batch}, {lay.grad_accum} micro-batches per step, "
-            f"{lay.global_batch_tokens:,} tokens per step", ""]
+            f"{lay.global_batch_tokens:,} tokens per step{peft}", ""]
     lines = head + _memory_lines(plan) + [""] + _time_lines(plan)
     if steps and plan.time is not None:
         hours = steps * plan.time.step / 3600

@@ -71,7 +71,7 @@ def _local_widths(layout: Layout) -> tuple[int, int, int, int]:
     """This rank's query width, kv width, SwiGLU width and vocabulary slice."""
     m, t = layout.model, layout.tp
     kv_local = m.kv_heads // t if m.kv_heads >= t else 1
-    return (m.n_heads // t) * m.head_dim, kv_local * m.head_dim, m.ffn_hidden_dim // t, m.vocab_size // t
+    return (m.n_heads // t) * m.head_dim, kv_local * m.head_dim, m.ffn_hidden_dim // t, m.padded_vocab_size // t
 
 
 def elementwise_bytes_per_token(layout: Layout) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """What is done with a trained model: load it (.loading), and the `python -m llama_pt.pretrained` commands
-(.commands: export to Hugging Face, sample, perplexity)."""
+(.commands: export to Hugging Face, sample, perplexity; .weight_arithmetic's deltas and averages; .resize, a
+model grown to a tokenizer that extends its vocabulary)."""
 from .commands import main
 from .loading import (export_checkpoint, is_hf_folder, load_checkpoint_model, load_hf_model, load_model,
                       tokenizer_of_checkpoint)

@@ -17,7 +17,9 @@ from typing import Any, Optional
 def check(config_dict: dict[str, Any], world_size: int) -> str:
     from ..config import resolve
     from .data_setup import build_train_data
+    from .model_setup import check_base_weights
     run = resolve(config_dict, world_size=world_size)
+    check_base_weights(run)
     build_train_data(run, dp_rank=0, dp_size=run.dp_size, build_index=False)
     p = run.parallel
     return (f"ok: {world_size} process(es) = TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x "

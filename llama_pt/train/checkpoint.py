@@ -219,7 +219,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def _verified_everywhere(path: Path) -> dict[str, Any]:
+def verified_state(path: Path) -> dict[str, Any]:
     """verify_checkpoint on rank 0; its verdict (trainer state or error) on every rank."""
     verdict = None
     if _is_coordinator():
@@ -240,7 +240,7 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]
     Tensors may be laid out differently from when they were saved (DTensor shards, other ranks): DCP
     reads the overlapping chunks.
     """
-    state = _verified_everywhere(Path(path))
+    state = verified_state(Path(path))
     load_verified(path, tensors)
     return state
 

@@ -7,12 +7,13 @@ The folder format, atomic writing and verification are .checkpoint's; how a rank
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PeftConfig
 from ..parallel import CheckpointLayout
 from . import checkpoint as ckpt
 
@@ -40,13 +41,18 @@ def checkpoint_to_resume(folder: Path, resume: str) -> Optional[Path]:
     return Path(resume)
 
 
+def peft_record(peft: PeftConfig) -> dict[str, Any]:
+    """The peft settings as the trainer state stores them (plain JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(peft).items()}
+
+
 class CheckpointManager:
     """Saves and restores one engine's tensors with the trainer state; every rank calls save/restore."""
 
     def __init__(self, folder: Path, engine, params: Callable[[], dict[str, torch.nn.Parameter]],
-                 layout: CheckpointLayout, model_config: ModelConfig, keep_last: Optional[int]):
+                 layout: CheckpointLayout, model_config: ModelConfig, peft: PeftConfig, keep_last: Optional[int]):
         self.folder, self.engine, self.params, self.layout = folder, engine, params, layout
-        self.model_config, self.keep_last = model_config, keep_last
+        self.model_config, self.peft, self.keep_last = model_config, peft, keep_last
         self.saved_at: Optional[int] = None  # the step of the newest checkpoint this run wrote or loaded
 
     def latest_valid(self, log: Callable[[str], None]) -> Optional[Path]:
@@ -63,14 +69,14 @@ class CheckpointManager:
     def restore(self, path: Path, verified: bool = False) -> dict[str, Any]:
         """Load `path` into the engine and set the RNG; returns the trainer state. ``verified``: its checksums
         were just checked (by latest_valid_checkpoint), so they are not computed a second time."""
-        target = self.layout.engine_checkpoint(self.engine, self.params())
-        if verified:
-            state = ckpt.read_trainer_state(path)
-            ckpt.load_verified(path, target.tree)
-        else:
-            state = ckpt.load_checkpoint(path, target.tree)
-        if state["model_config"] != self.model_config.to_dict():
+        state = ckpt.read_trainer_state(path) if verified else ckpt.verified_state(path)
+        if ModelConfig.from_stored(state["model_config"]) != self.model_config:
             raise ckpt.CheckpointError(f"checkpoint {path} was written for a different model config")
+        if state.get("peft", peft_record(PeftConfig())) != peft_record(self.peft):
+            raise ckpt.CheckpointError(f"checkpoint {path} was written with other peft settings "
+                                       f"({state.get('peft', 'none')}, this run: {peft_record(self.peft)})")
+        target = self.layout.engine_checkpoint(self.engine, self.params())
+        ckpt.load_verified(path, target.tree)
         target.loaded()
         set_rng_state(state["rng"])
         self.saved_at = state["step"]

@@ -77,6 +77,9 @@ def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bo
     if samples.vocab_size > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({samples.vocab_size}) named in data.manifest={cfg.manifest}")
+    if run.train.init_tokenizer is not None and samples.vocab_size != run.model.vocab_size:
+        raise ConfigError(f"data.manifest={cfg.manifest} was tokenized with {samples.vocab_size} pieces, not with "
+                          f"train.init_tokenizer={run.train.init_tokenizer} ({run.model.vocab_size})")
     if build_index:
         prepare_index(samples, run.train.steps * run.train.global_batch_sequences)
     loader = MicroBatchLoader(samples, run.train.global_batch_sequences, run.train.micro_batch_size,

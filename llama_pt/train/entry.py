@@ -15,6 +15,7 @@ from ..config import ConfigError, resolve
 from ..plan import check_fits
 from .checkpoint import CheckpointError
 from .distributed import DistContext, WorldEnv, start
+from .model_setup import check_base_weights
 from .preemption import StopSignals
 from .step_guard import TrainingDiverged
 
@@ -40,6 +41,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         try:
             env = WorldEnv.from_environ()
             run = resolve(config_dict, world_size=env.world_size)
+            check_base_weights(run)
             ctx = start(run, env)
             fit = check_fits(run, env.world_size, ctx.device)  # memory planner (llama_pt.plan)
             if not fit.fits:

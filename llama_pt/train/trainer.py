@@ -26,12 +26,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..adapters.apply import apply_peft
 from ..config import RunConfig, count_parameters, flops_per_token
 from ..generate import sample_text
 from ..model import Llama
 from ..parallel import CheckpointLayout, PlainDataParallel, full_state_dict, make_loss_fn
 from ..tokenizer import Tokenizer
-from .checkpointing import CheckpointManager, checkpoint_to_resume
+from .checkpointing import CheckpointManager, checkpoint_to_resume, peft_record
 from .data_setup import TrainData, build_train_data
 from .distributed import DistContext, single_process
 from .fault_policy import FaultPolicy
@@ -68,15 +69,15 @@ class Trainer:
         self.precision = resolve_precision(self.device, run.train.precision)
         self.data: TrainData = build_train_data(run, dp_rank=self.pstate.dp_rank, dp_size=self.pstate.dp_size)
         self.resume_from = checkpoint_to_resume(self.out_dir / "checkpoints", run.train.resume)
-        model = build_model(run, self.pstate, self.device,
-                            init_from=run.train.init_from if self.resume_from is None else None)
+        model = build_model(run, self.pstate, self.device, resuming=self.resume_from is not None)
         self.loss_fn = make_loss_fn(self.pstate)
         self.optimizer = build_optimizer(model, run.optim)
         self.engine = self._build_engine(model)
         self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, self.precision)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.engine,
                                              lambda: dict(self.model.named_parameters()),
-                                             CheckpointLayout(self.pstate, self.device), run.model, run.train.keep_last)
+                                             CheckpointLayout(self.pstate, self.device), run.model, run.peft,
+                                             run.train.keep_last)
         self.step = 0
         self.stop_signals: Optional[StopSignals] = None
         self.flops_per_token = flops_per_token(run.model, run.train.seq_len)
@@ -108,7 +109,8 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.data.loader.state_dict(), "guard": self.faults.state_dict(),
-                "model_config": self.run.model.to_dict(), "config": self.config_dict,
+                "model_config": self.run.model.to_dict(), "peft": peft_record(self.run.peft),
+                "config": self.config_dict,
                 "layout": {"world_size": self.ctx.env.world_size, "tensor_parallel": self.pstate.tp_size,
                            "data_parallel": self.pstate.dp_size, "zero_stage": self.run.parallel.zero_stage}}
 
@@ -196,8 +198,8 @@ class Trainer:
             full = full_state_dict(self.model, self.pstate)  # a collective over TP: every rank takes part
             if not self.ctx.is_coordinator:
                 return None
-            model = Llama(self.run.model).to(self.device)
-            model.load_state_dict({k: v.float() for k, v in full.items()})
+            model = apply_peft(Llama(self.run.model), self.run.peft).to(self.device)
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in full.items()})
         tokenizer = Tokenizer(self.data.tokenizer_path)
         return sample_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, seed=t.seed)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama_pt.model import ConfigError, Llama, ModelConfig
 from llama_pt.model.llama import TransformerBlock, rope_tables
 from llama_pt.blocks import CheckpointedBlock, apply_activation_mode
-from llama_pt.blocks.selective import LayerSpec, SelectiveBlock, _AttentionHalf, _MLPHalf
+from llama_pt.blocks.selective import LayerSpec, LowRankSpec, SelectiveBlock, _AttentionHalf, _MLPHalf
 
 REALISTIC = ModelConfig(dim=256, n_heads=8, n_kv_heads=2, n_layers=2, vocab_size=512, multiple_of=64, max_seq_len=128)
 TINY = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=256, multiple_of=32, max_seq_len=64)
@@ -57,6 +57,41 @@ def test_gradcheck_mlp_half_float64():
     spec = _spec("cpu_flash", 4)
     assert torch.autograd.gradcheck(lambda *a: _MLPHalf.apply(*a, spec), (h, norm_w, w1, w3, w2),
                                     eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradcheck_halves_with_low_rank_updates_float64(dropout):
+    """Both halves with LoRA updates on some projections (wk and w3 left plain): the hand-written gradients
+    of x, the weights, and every A and B, including the dropout masks (the seed is reset before each call,
+    so every evaluation draws the same masks). atol 1e-7: with outputs up to ~40, the central differences
+    (eps 1e-6) carry rounding errors of up to ~1e-8 (measured 8.7e-9); a wrong term errs by O(1e-1) or more."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    dim, heads, kv, hd, s, f, r = 8, 2, 1, 4, 5, 12, 3
+    low = LowRankSpec(scale=1.5, dropout=dropout, columns=None)
+    spec = _spec("cpu_flash", hd)
+    cos, sin = (t[:s].double() for t in rope_tables(hd, s, 10000.0))
+
+    def seeded(fn):
+        def call(*args):
+            torch.manual_seed(0)
+            return fn(*args)
+        return call
+
+    x, norm_w = rand(2, s, dim), rand(dim)
+    wq, wk, wv, wo = rand(heads * hd, dim), rand(kv * hd, dim), rand(kv * hd, dim), rand(dim, heads * hd)
+    small = lambda *shape: (0.5 * rand(*shape)).detach().requires_grad_()  # noqa: E731  (A, B: updates ~ W)
+    aq, bq, av, bv, ao, bo = small(r, dim), small(heads * hd, r), small(r, dim), small(kv * hd, r), \
+        small(r, heads * hd), small(dim, r)
+    attention = seeded(lambda x, n, wq, wk, wv, wo, aq, bq, av, bv, ao, bo: _AttentionHalf.apply(
+        x, n, wq, wk, wv, wo, cos, sin, spec, (low, None, low, low), aq, bq, None, None, av, bv, ao, bo))
+    assert torch.autograd.gradcheck(attention, (x, norm_w, wq, wk, wv, wo, aq, bq, av, bv, ao, bo),
+                                    eps=1e-6, atol=1e-7, rtol=1e-6)
+    h, norm_w, w1, w3, w2 = rand(2, s, dim), rand(dim), rand(f, dim), rand(f, dim), rand(dim, f)
+    a1, b1, a2, b2 = small(r, dim), small(f, r), small(r, f), small(dim, r)
+    mlp = seeded(lambda h, n, w1, w3, w2, a1, b1, a2, b2: _MLPHalf.apply(
+        h, n, w1, w3, w2, spec, (low, None, low), a1, b1, None, None, a2, b2))
+    assert torch.autograd.gradcheck(mlp, (h, norm_w, w1, w3, w2, a1, b1, a2, b2), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

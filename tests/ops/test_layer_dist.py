@@ -18,18 +18,35 @@ FP32_REL_TOL = 1e-5
 # rounds its partial products to bf16 before they are summed over TP, so more independent roundings
 # (relative RMS u / sqrt(3) = 2.3e-3 each, u = 2^-8) add in quadrature than in one process (1.5e-2 there,
 # tests/ops/test_layer_backward.py). Measured worst: loss 1.8e-5, gradient 1.13e-2, selective against
-# none 6.2e-3. A wrong shard or a wrong backward term errs by O(1/sqrt(dim)) = 6e-2 or more.
+# none 6.2e-3; with LoRA (tp2_sp_lora_bf16): loss 2.3e-5, gradient 1.49e-2 (the q and k adapters of the
+# last layer, through the attention scores, in every mode alike), selective against none 9.9e-3. A wrong
+# shard or a wrong backward term errs by O(1/sqrt(dim)) = 6e-2 or more.
 BF16_REL_TOL = {"loss": 2e-4, "grad": 2e-2}
 N_LAYERS, SEQ, BATCH, DIM = 2, 64, 2, 256
 
 pytestmark = pytest.mark.slow
 
 
+# With LoRA (rank 8, all seven projections, nonzero B; the base frozen unless the name says otherwise).
+LORA_CASES = ["tp2_lora", "tp2_sp_lora", "tp2_sp_kv1_lora", "tp2_kv1_lora_no_overlap", "tp2_sp_lora_trained_base",
+              "tp2_sp_lora_dropout", "tp2_sp_lora_bf16"]
+LORA_RANK, HEAD_DIM = 8, 32
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[tuple[str, int, dict]]:
+def results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("layer_dist")
-    results = torchrun_results(WORKERS / "layer_dist_worker.py", out, CASES, nproc=2, timeout=300)
+    return torchrun_results(WORKERS / "layer_dist_worker.py", out, CASES + LORA_CASES, nproc=2, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(results) -> list[tuple[str, int, dict]]:
     return [(case, rank, results[case][rank]) for rank in range(2) for case in CASES]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(results) -> list[tuple[str, int, dict]]:
+    return [(case, rank, results[case][rank]) for rank in range(2) for case in LORA_CASES]
 
 
 def test_every_mode_matches_one_process_and_selective_matches_autograd(runs):
@@ -110,3 +127,58 @@ def test_selective_backward_overlaps_collectives_with_matmuls(runs):
                 assert want[name] in in_flight, (case, rank, name, in_flight)
                 checked += 1
     assert checked > 0
+
+
+def test_lora_in_every_mode_matches_one_process(lora_runs):
+    """A and B gradients (gathered with their shard specs: B of column-parallel layers by rows, A of wo / w2
+    by columns; kv heads replicated in the kv1 cases) and the loss equal one process's; with dropout too,
+    as every layout draws the same masks from the same random state."""
+    for case, rank, r in lora_runs:
+        tol = BF16_REL_TOL if r["bf16"] else dict.fromkeys(BF16_REL_TOL, FP32_REL_TOL)
+        trained = 2 * 7 * N_LAYERS + (3 + 9 * N_LAYERS if r["lora"]["trained_base"] else 0)
+        for mode, m in r["modes"].items():
+            assert m["grad_names_match"] and len(m["grad_rel_err_vs_ref"]) == trained, (case, mode)
+            assert m["loss_rel_err"] <= tol["loss"], (case, rank, mode, m["loss_rel_err"])
+            worst = max(m["grad_rel_err_vs_ref"], key=m["grad_rel_err_vs_ref"].get)
+            assert m["grad_rel_err_vs_ref"][worst] <= tol["grad"], (case, rank, mode, worst)
+        worst = max(r["selective_vs_none"], key=r["selective_vs_none"].get)
+        assert r["selective_vs_none"][worst] <= tol["grad"], (case, rank, worst)
+
+
+def test_lora_saved_bytes_equal_the_formula(lora_runs):
+    for case, rank, r in lora_runs:
+        for mode, m in r["modes"].items():
+            assert m["saved_bytes"] == m["formula_bytes"], (case, rank, mode, m["saved_bytes"], m["formula_bytes"])
+
+
+def test_lora_communication_of_selective(results, lora_runs):
+    """The hand-written layer's adapters add, to the collectives of the same layout without them, one
+    forward all-reduce of u [b, s, r] per row-parallel adapter (wo, w2) and nothing on the data path of
+    backward: the input gradients of the updates join the projections' own reductions. The rest of the
+    difference is parameter hooks: A of every column-parallel adapter summed over TP, B of replicated kv
+    heads over their replicas; a frozen base loses its own (SP norm weights, replicated kv weights) and,
+    under SP, the frozen embedding's backward all-gather."""
+    L, e_f32 = N_LAYERS, 4
+    for case, rank, r in lora_runs:
+        base = next(results[c][rank] for c in CASES
+                    if all(results[c][rank][k] == r[k] for k in ("sp", "overlap", "kv", "bf16")))
+        want = {k: list(v) for k, v in _comm(base["modes"]["selective"]).items()}
+
+        def add(key, calls, nbytes):
+            entry = want.setdefault(key, [0, Fraction(0)])
+            entry[0] += calls
+            entry[1] += nbytes
+
+        e = 2 if r["bf16"] else 4
+        add("all_reduce.fwd", 2 * L, 2 * L * BATCH * SEQ * LORA_RANK * e)  # all-reduce bytes: 2(t-1)/t N = N
+        add("all_reduce.bwd", 5 * L, 5 * L * LORA_RANK * DIM * e_f32)
+        kv_replicated = r["kv"] < 2
+        if kv_replicated:
+            add("all_reduce.bwd", 2 * L, 2 * L * HEAD_DIM * LORA_RANK * e_f32)
+        if not r["lora"]["trained_base"]:
+            if r["sp"]:
+                add("all_reduce.bwd", -(2 * L + 1), -(2 * L + 1) * DIM * e_f32)
+                add("all_gather.bwd", -1, -Fraction(BATCH * SEQ * DIM * e_f32, 2))
+            if kv_replicated:
+                add("all_reduce.bwd", -2 * L, -2 * L * HEAD_DIM * DIM * e_f32)
+        assert _comm(r["modes"]["selective"]) == {k: tuple(v) for k, v in want.items() if v[0]}, (case, rank)

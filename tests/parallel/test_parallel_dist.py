@@ -14,7 +14,7 @@ import pytest
 from support.torchrun import torchrun_results
 from support.workers import WORKERS
 
-TWO = ["tp2", "tp2_no_overlap", "tp2_sp", "tp2_sp_no_overlap", "tp2_kv1", "tp2_sp_kv1", "tp2_sp_bf16"]
+TWO = ["tp2", "tp2_no_overlap", "tp2_sp", "tp2_sp_no_overlap", "tp2_kv1", "tp2_sp_kv1", "tp2_sp_bf16", "tp2_vocab500"]
 FOUR = ["tp2", "tp2_sp", "tp4_sp_kv2"]  # with 4 processes tp2 is TP=2 x DP=2
 FP32_REL_TOL, FP64_ABS_TOL = 1e-5, 1e-12
 # bf16 autocast against one bf16 process: each TP rank rounds its partial products to bf16 (unit
@@ -41,6 +41,8 @@ def runs(tmp_path_factory) -> list[tuple[str, int, dict]]:
 def test_loss_and_every_gradient_match_single_process(runs):
     assert {(r["tp"], r["dp"], r["sp"], r["kv_replicas"]) for _, _, r in runs} >= {
         (2, 1, False, 1), (2, 1, True, 1), (2, 1, False, 2), (2, 2, False, 1), (2, 2, True, 1), (4, 1, True, 2)}
+    # A padded vocabulary (500 -> 512): the vocab-parallel loss equals F.cross_entropy over the first 500 logits.
+    assert {(r["vocab"], r["padded_vocab"]) for _, _, r in runs} == {(512, 512), (500, 512)}
     for case, rank, r in runs:
         tol = BF16_REL_TOL if r["bf16"] else dict.fromkeys(BF16_REL_TOL, FP32_REL_TOL)
         assert r["grad_names_match"], case

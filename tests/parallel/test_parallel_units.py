@@ -29,7 +29,8 @@ def _cfg(**kw) -> ModelConfig:
     (4, 4, _cfg(dim=96, n_heads=12, n_kv_heads=6), 16, False, "model.n_kv_heads=6"),
     (4, 4, _cfg(dim=96, n_heads=12, n_kv_heads=3), 16, False, "not a multiple of model.n_kv_heads=3"),
     (4, 4, _cfg(multiple_of=2, dim=64), 16, False, "model.ffn_hidden_dim=170"),
-    (2, 2, _cfg(vocab_size=511), 16, False, "model.vocab_size=511"),
+    (2, 2, _cfg(vocab_size=511, vocab_multiple=1), 16, False, "model.vocab_size=511 padded to a multiple of "
+                                                              "model.vocab_multiple=1"),
     (2, 2, TINY, 15, True, "seq_len=15"),
 ])
 def test_layout_errors_name_the_field(world, t, model, seq, sp, field):
@@ -41,6 +42,7 @@ def test_layout_errors_name_the_field(world, t, model, seq, sp, field):
 def test_valid_layouts_pass():
     validate_layout(2, ParallelConfig(tensor_parallel=2), TINY, 15)  # odd seq_len is fine without SP
     validate_layout(8, ParallelConfig(tensor_parallel=4, sequence_parallel=True), _cfg(n_kv_heads=1), 16)
+    validate_layout(2, ParallelConfig(tensor_parallel=2), _cfg(vocab_size=511), 16)  # padded to 512
 
 
 def test_parallel_config_files_and_bad_values():
@@ -100,6 +102,26 @@ def test_single_process_state_is_a_deepspeed_mpu_and_parallelize_is_a_no_op():
         load_full_state_dict(model, {k: v for k, v in full.items() if k != "norm.weight"})
     with pytest.raises(ConfigError, match="differs"):
         parallelize(Llama(_cfg(n_layers=1)), pstate)
+
+
+def test_the_loss_leaves_the_padded_vocabulary_out():
+    """Vocabulary 1000 padded to 1024: the loss is F.cross_entropy over the first 1000 logits, however large
+    the padding logits are, and the padding rows get no gradient."""
+    cfg = _cfg(vocab_size=1000)
+    pstate = ParallelState(ParallelConfig(), cfg, 16)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    tokens = torch.randint(0, 1000, (2, 17))
+    logits = model(tokens[:, :-1])
+    assert logits.shape[-1] == 1024
+    huge = logits + 1e4 * (torch.arange(1024) >= 1000)  # the first 1000 columns unchanged (+ 0.0)
+    loss = make_loss_fn(pstate)(huge, tokens[:, 1:])
+    want = F.cross_entropy(logits[..., :1000].reshape(-1, 1000), tokens[:, 1:].reshape(-1))
+    assert torch.equal(loss, want)
+    loss.backward()
+    assert torch.count_nonzero(model.output.weight.grad[1000:]) == 0
+    assert torch.count_nonzero(model.tok_embeddings.weight.grad[1000:]) == 0
+    assert torch.count_nonzero(model.output.weight.grad[:1000]) > 0
 
 
 def test_shard_spec_takes_whole_chunks():

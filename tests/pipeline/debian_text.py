@@ -13,6 +13,8 @@ FORTUNES = Path("/usr/share/games/fortunes")
 DEBIAN_REFERENCE = Path("/usr/share/debian-reference")
 INSTALL_HINT = "install the test corpora: bash scripts/install_test_corpora.sh (make test runs it)"
 _NOT_PROSE = ("ascii-art", "asciiart", "banner")  # pictures drawn with characters
+CHINESE = ("chinese", "song100", "tang300")  # fortunes-zh installs its files at the top level
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # fortunes-zh colours titles and authors, some nested
 _FRENCH_WORDS = re.compile(r"\b(le|la|les|des|est|une|pour|dans)\b")
 MIN_CHARS = 150  # documents shorter than this are too short to test language ID on
 
@@ -24,15 +26,20 @@ def _entries(files: list[Path]) -> list[str]:
         if path.name.endswith((".dat", ".u8")) or path.name in _NOT_PROSE or not path.is_file():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
+        while _ANSI_COLOUR.search(text):
+            text = _ANSI_COLOUR.sub("", text)
         docs += [d.strip() for d in re.split(r"^%$", text, flags=re.MULTILINE) if d.strip()]
     return docs
 
 
 def fortunes(lang: str) -> list[str]:
-    """Every fortune of a language; English = the top-level files that fortunes-it did not also put there."""
+    """Every fortune of a language; English = the top-level files that fortunes-it did not also put there
+    and that are not fortunes-zh's; Chinese (zh) = fortunes-zh's sayings, Tang and Song poems."""
     if lang == "en":
         italian = {p.name for p in (FORTUNES / "it").iterdir()} if (FORTUNES / "it").is_dir() else set()
-        files = [p for p in FORTUNES.iterdir() if p.name not in italian]
+        files = [p for p in FORTUNES.iterdir() if p.name not in italian and p.name not in CHINESE]
+    elif lang == "zh":
+        files = [FORTUNES / name for name in CHINESE]
     elif lang == "es":
         files = list((FORTUNES / "es").glob("*.fortunes"))
     else:

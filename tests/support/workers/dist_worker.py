@@ -35,11 +35,14 @@ CASES = {
     "tp2_sp_kv1": (2, True, False, 1, False),
     "tp4_sp_kv2": (4, True, True, 2, False),
     "tp2_sp_bf16": (2, True, True, 2, True),
+    "tp2_vocab500": (2, False, True, 2, False),
 }
+# Cases with a vocabulary that is padded (500 -> 512): the last rank's slice ends in 12 padding ids.
+VOCAB = {"tp2_vocab500": 500}
 
 
-def model_config(n_kv_heads: int) -> ModelConfig:
-    return ModelConfig(dim=64, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2, vocab_size=512, multiple_of=32,
+def model_config(n_kv_heads: int, vocab_size: int = 512) -> ModelConfig:
+    return ModelConfig(dim=64, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2, vocab_size=vocab_size, multiple_of=32,
                        max_seq_len=64)
 
 
@@ -89,7 +92,7 @@ def float64_forward(cfg: ModelConfig, pstate: ParallelState, inputs, targets) ->
         want, local = ref(inputs), model(inputs)
         got = gather_logits(local, pstate)
         loss = make_loss_fn(pstate)(local, targets)
-        want_loss = F.cross_entropy(want.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+        want_loss = F.cross_entropy(want[..., :cfg.vocab_size].reshape(-1, cfg.vocab_size), targets.reshape(-1))
     return {"fp64_logits_max_abs_err": (got - want).abs().max().item(),
             "fp64_loss_abs_err": abs(loss.item() - want_loss.item())}
 
@@ -100,7 +103,7 @@ def run_case(name: str, out: Path) -> dict:
     def autocast():  # forward only; backward runs outside autocast, as in training
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    cfg = model_config(kv)
+    cfg = model_config(kv, VOCAB.get(name, 512))
     pstate = ParallelState(ParallelConfig(tensor_parallel=t, sequence_parallel=sp, overlap=overlap), cfg, SEQ)
     tokens = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -113,12 +116,15 @@ def run_case(name: str, out: Path) -> dict:
     init_state = {k: v.clone() for k, v in ref.state_dict().items()}
     with autocast():
         ref_logits = ref(inputs)
-        ref_loss = F.cross_entropy(ref_logits.reshape(-1, cfg.vocab_size).float(), targets.reshape(-1))
+        # The first vocab_size logits alone: the padding ids are left out by truncation, not by the mask.
+        ref_loss = F.cross_entropy(ref_logits[..., :cfg.vocab_size].reshape(-1, cfg.vocab_size).float(),
+                                   targets.reshape(-1))
     ref_loss.backward()
 
     torch.manual_seed(0)
     model = parallelize(Llama(cfg), pstate)
     result = {"tp": t, "dp": pstate.dp_size, "sp": sp, "overlap": overlap, "kv": kv, "bf16": bf16, "batch": b,
+              "vocab": cfg.vocab_size, "padded_vocab": cfg.padded_vocab_size,
               "seq": SEQ, "dim": cfg.dim, "ffn_hidden": cfg.ffn_hidden_dim, "n_layers": cfg.n_layers,
               "head_dim": cfg.head_dim, "kv_replicas": pstate.kv_replicas, **describe(pstate, model)}
     result["state_dict_exact"] = all(torch.equal(v, init_state[k]) for k, v in full_state_dict(model, pstate).items())
