@@ -5,13 +5,18 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo demo-continue test kenlm test-corpora slurm-local gpu-check gpu-wheels
+.PHONY: install demo demo-sft demo-continue test kenlm test-corpora slurm-local gpu-check gpu-wheels
 
 install:
 	bash scripts/setup_env.sh $(VENV)
 
+# Pretraining (steps 1-6), then instruction tuning, one chat exchange and a q8_0 GGUF run in llama.cpp (7-9).
 demo: install kenlm
 	$(PY) demo/run_demo.py
+
+# Steps 7-9 alone, from runs/demo (running steps 1-6 first if they are missing).
+demo-sft: install kenlm
+	$(PY) demo/run_demo_sft.py
 
 # The Chinese-LLaMA recipe on the demo's model, offline on CPU in ~3 minutes (reuses runs/demo, running the demo
 # first if it is missing): the tokenizer extended with fortunes-zh's pieces, LoRA continued pretraining with the

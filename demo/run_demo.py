@@ -1,5 +1,6 @@
 """The embedded end-to-end example (`make demo`): real text -> tokenizer -> token shards -> a tiny LLaMA
-trained on CPU -> held-out perplexity -> sampled text -> Hugging Face export, checked with `transformers`.
+trained on CPU -> held-out perplexity -> sampled text -> Hugging Face export, checked with `transformers`;
+then (demo/run_demo_sft.py) instruction tuning, a chat exchange, and a q8_0 GGUF export run in llama.cpp.
 
 Everything goes under runs/demo/ (override with --out). Re-running reuses what is complete (the data
 pipeline skips finished shards; training resumes from its last checkpoint); --fresh starts over.
@@ -26,6 +27,16 @@ PROMPT = "The function returns"
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
+
+
+def ensure_demo(demo: Path) -> tuple[Path, Path, Path]:
+    """The demo's tokenizer, clean-text folder and Hugging Face export, running the demo first if one is missing."""
+    tokenizer, clean, hf = demo / "prep" / "tokenizer" / "tokenizer.model", demo / "prep" / "clean", demo / "hf"
+    if not (tokenizer.is_file() and clean.is_dir() and (hf / "config.json").is_file()):
+        banner(f"0. {demo} lacks the demo's outputs: running demo/run_demo.py --out {demo} first")
+        subprocess.run([sys.executable, str(Path(__file__)), "--out", str(demo), "--pretrain-only"], cwd=REPO,
+                       check=True)
+    return tokenizer, clean, hf
 
 
 def prepare_data(out: Path) -> tuple[Path, Path, Path]:
@@ -100,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--pretrain-only", action="store_true", help="stop after the Hugging Face export (step 6)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     args = parser.parse_args()
     if args.fresh and args.out.exists():
@@ -109,11 +122,15 @@ def main() -> None:
     run_dir = train(args.out, manifest, valid, args.steps)
     report_training(run_dir)
     sample_and_export(run_dir, spm_model, args.out)
+    if not args.pretrain_only:
+        from demo.run_demo_sft import run_sft_demo
+        run_sft_demo(args.out, args.out / "sft", args.sft_steps)
     banner(f"done in {time.perf_counter() - start:.0f} s; everything is under {args.out}")
     print(f"  corpus {args.out / 'corpus'} | tokenizer {spm_model} | shards+manifest {manifest.parent}\n"
           f"  checkpoints {run_dir / 'checkpoints'} | metrics {run_dir / 'metrics.jsonl'} | "
           f"loss curve {run_dir / 'loss_curve.png'}\n  wandb (offline) {run_dir / 'wandb'} | "
-          f"Hugging Face export {args.out / 'hf'}")
+          f"Hugging Face export {args.out / 'hf'}" +
+          ("" if args.pretrain_only else f" | instruction tuning, GGUF {args.out / 'sft'}"))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from debian_text import fortunes  # noqa: E402
 
 from data_pipeline.tokenize_stage import clean_files, in_valid_split, iter_clean_records  # noqa: E402
 from data_pipeline.tools.extend_tokenizer import Extension, extend_tokenizer, report_lines  # noqa: E402
-from demo.run_demo import banner  # noqa: E402
+from demo.run_demo import banner, ensure_demo  # noqa: E402
 from llama_pt.tokenizer import Tokenizer  # noqa: E402
 
 ZH_VALID_FRACTION = 0.05      # fortunes-zh documents held out, by a hash of their text
@@ -49,15 +49,6 @@ LORA = ("peft=lora", "peft.rank=8", "peft.alpha=32", "peft.dropout=0.05", "peft.
 SEQ_LEN = 128
 PROMPT = "白日依山尽，"
 NEW_TOKENS = 20
-
-
-def ensure_demo(demo: Path) -> tuple[Path, Path, Path]:
-    """The demo's tokenizer, clean-text folder and Hugging Face export, running the demo first if one is missing."""
-    tokenizer, clean, hf = demo / "prep" / "tokenizer" / "tokenizer.model", demo / "prep" / "clean", demo / "hf"
-    if not (tokenizer.is_file() and clean.is_dir() and (hf / "config.json").is_file()):
-        banner(f"0. {demo} lacks the demo's outputs: running demo/run_demo.py --out {demo} first")
-        subprocess.run([sys.executable, str(REPO / "demo" / "run_demo.py"), "--out", str(demo)], cwd=REPO, check=True)
-    return tokenizer, clean, hf
 
 
 def english_documents(clean: Path) -> tuple[list[str], list[str]]:
@@ -165,7 +156,7 @@ def perplexities(demo_hf: Path, grown: Path, checkpoint: Path, manifests: dict[s
                  english_ids_kept: bool) -> dict[str, dict[str, float]]:
     """{model: {language: perplexity}} on the held-out manifests, all under the extended tokenizer."""
     from llama_pt.data import load_manifest
-    from llama_pt.evaluate import evaluate_perplexity
+    from llama_pt.evaluation import evaluate_perplexity
     from llama_pt.pretrained import load_model
 
     banner("4. held-out perplexity, every text tokenized with the extended tokenizer")

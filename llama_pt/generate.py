@@ -9,7 +9,7 @@ The padding ids of the vocabulary are never chosen (llama_pt.model.vocab).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -93,6 +93,35 @@ def generate(model: Llama, prompt_tokens: Sequence[Sequence[int]], max_new_token
             new = new[:new.index(eos_id)]
         out.append(new)
     return out
+
+
+@torch.inference_mode()
+def stream_tokens(model: Llama, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.8,
+                  top_p: float = 0.95, eos_id: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """The continuation of one prompt, one token at a time as each is chosen (for streaming to a terminal); it
+    ends before eos_id, or after max_new_tokens. The same choices as `generate` with the same generator."""
+    cfg = model.cfg
+    if not prompt or len(prompt) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new exceeds model.max_seq_len="
+                         f"{cfg.max_seq_len} (or is empty)")
+    param = next(model.parameters())
+    caches = [KVCache.empty(cfg, 1, len(prompt) + max_new_tokens, param.device, param.dtype)
+              for _ in range(cfg.n_layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        window, start = torch.tensor([list(prompt)], dtype=torch.long, device=param.device), 0
+        for _ in range(max_new_tokens):
+            logits = model(window, start_pos=start, caches=caches)[:, -1]
+            token = int(next_tokens(mask_padded_vocab(logits, cfg.vocab_size), temperature, top_p, generator)[0])
+            if token == eos_id:
+                return
+            yield token
+            start += window.shape[1]
+            window = torch.tensor([[token]], dtype=torch.long, device=param.device)
+    finally:
+        model.train(was_training)
 
 
 def sample_text(model: Llama, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,

@@ -139,10 +139,15 @@ class Tokenizer:
     def encode_piece(self, piece: str) -> list[int]:
         """The ids this tokenizer splits a piece of another vocabulary into: the piece's text ("▁" a space)
         encoded without the dummy prefix, so that the ids cover exactly that text ("▁中国" -> "▁", bytes...)."""
+        return self.encode_continuation(piece.replace("\u2581", " "))
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """The ids of text that continues a sequence: without the dummy prefix (the space `encode` puts before
+        a text's first word), so that the ids decode to exactly `text` after what precedes them."""
         if self._no_prefix is None:
             from sentencepiece import sentencepiece_model_pb2
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(self._sp.serialized_model_proto())
             proto.normalizer_spec.add_dummy_prefix = False
             self._no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        return self._no_prefix.encode(piece.replace("\u2581", " "))
+        return self._no_prefix.encode(text)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_pt.data import IndexedDatasetWriter, SequentialWindows
-from llama_pt.evaluate import evaluate_perplexity
+from llama_pt.evaluation import evaluate_perplexity
 from llama_pt.model import Llama, ModelConfig, get_preset
 
 EOS = 2

@@ -14,7 +14,7 @@ from ..model.llama import TransformerBlock
 class CheckpointedBlock(TransformerBlock):
     """TransformerBlock whose training forward saves its input only; decoding takes the plain path."""
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
+    def forward(self, x, cos, sin, start_pos: int = 0, cache=None, documents=None):
         if cache is not None or start_pos != 0 or not torch.is_grad_enabled():
-            return super().forward(x, cos, sin, start_pos, cache)
-        return checkpoint(super().forward, x, cos, sin, use_reentrant=False)
+            return super().forward(x, cos, sin, start_pos, cache, documents)
+        return checkpoint(super().forward, x, cos, sin, 0, None, documents, use_reentrant=False)

@@ -15,6 +15,11 @@ Two autograd functions, one per residual half of the pre-norm block (llama_pt.mo
      saves        h (the residual sum, i.e. the MLP's input), a, u
      recomputes   n2 (RMSNorm), silu(a), silu(a) * u
 
+Packed documents (llama_pt.ops.documents): the layer's spec carries the forward pass's DocumentMask (built
+once by Llama.forward, shared by the layers, no activation of any), and the attention kernels compute
+block-diagonal causal attention and its log-sum-exp with it; per-token RoPE tables [b, s, head_dim] serve
+RoPE and its backward alike.
+
 Nothing else is needed (docs/activation_memory.md derives it): Wo's output is never used in backward
 (only its input o and the incoming gradient), and the residual sum h replaces it, because h is what the
 MLP half needs anyway; the layer's output is the next layer's x. Saving q and k after RoPE costs the
@@ -65,6 +70,7 @@ from ..adapters.lora import LowRankUpdate, adapter_of, dropout_noise
 from ..model.llama import TransformerBlock, _at_least_fp32, apply_rope
 from ..ops.attention import resolve_attention_backend
 from ..ops.attention_kernels import AttentionState, attention_backward, attention_forward, select_kernel
+from ..ops.documents import DocumentMask
 from ..parallel import comm
 from ..parallel.comm import BWD, FWD
 from ..parallel.layers import ShardSpec, TPContext, column_parallel_backward
@@ -72,7 +78,8 @@ from ..parallel.layers import ShardSpec, TPContext, column_parallel_backward
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What a layer call needs besides tensors: shapes, the attention kernel, the TP layout, the matmul dtype."""
+    """What a layer call needs besides its inputs and weights: shapes, the attention kernel, the TP layout, the
+    matmul dtype, and the forward pass's document mask (None: one document per row)."""
     eps: float
     head_dim: int
     kernel: str
@@ -80,6 +87,7 @@ class LayerSpec:
     sequence_parallel: bool
     overlap: bool
     compute_dtype: torch.dtype
+    documents: Optional[DocumentMask] = None
 
 
 # ---- elementwise pieces: forward as in llama_pt.model.llama, backward by hand ----
@@ -111,7 +119,7 @@ def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     where R^T(z1, z2) = (z2, -z1): the rotation by the opposite angle; no activation needed."""
     half = dy.shape[-1] // 2
     d32 = _at_least_fp32(dy)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     z = d32 * sin
     return (d32 * cos + torch.cat([z[..., half:], -z[..., :half]], dim=-1)).type_as(dy)
 
@@ -339,7 +347,7 @@ class _AttentionHalf(torch.autograd.Function):
             qkv, kept = _column_forward(full, (wq, wk, wv), lows[:3], pairs[:3], cdt)
             q, k, v = (t.view(b, s, -1, spec.head_dim) for t in qkv)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            state = attention_forward(q, k, v, spec.kernel)
+            state = attention_forward(q, k, v, spec.kernel, spec.documents)
             o = state.out.reshape(b, s, -1)
             y, u_o, keep_o = _row_forward(o, wo, lows[3], pairs[3], spec)
             h = x + y
@@ -364,7 +372,7 @@ class _AttentionHalf(torch.autograd.Function):
         dwo = torch.matmul(_flat(g).t(), _flat(o)).to(wo.dtype) if needs[5] else None
         dab_o = (_row_backward(g, o, d_o, lows[3], pairs[3], *kept[3], needs_ab[3], cdt) if lows[3] is not None
                  else NOT_ADAPTED)
-        state = AttentionState(spec.kernel, o.view(b, s, -1, spec.head_dim), lse, ctx.extras)
+        state = AttentionState(spec.kernel, o.view(b, s, -1, spec.head_dim), lse, ctx.extras, spec.documents)
         dq, dk, dv = attention_backward(d_o.view(b, s, -1, spec.head_dim), q, k, v, state)
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
         dn, (dwq, dwk, dwv), dab = _column_backward_with_updates(
@@ -416,17 +424,17 @@ class _MLPHalf(torch.autograd.Function):
         return dy + dh, dnorm, dw1, dw3, dw2, None, None, *dab, *dab_2
 
 
-def layer_spec(block: "SelectiveBlock", x: torch.Tensor) -> LayerSpec:
-    """The spec of `block` for an input like x."""
+def layer_spec(block: "SelectiveBlock", x: torch.Tensor, documents: Optional[DocumentMask] = None) -> LayerSpec:
+    """The spec of `block` for an input like x (and packed documents)."""
     attn, tp = block.attention, block.tp
     device = x.device
     cdt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else attn.wq.weight.dtype
     backend = resolve_attention_backend(attn.backend, device)
     return LayerSpec(eps=block.attention_norm.eps, head_dim=attn.head_dim,
-                     kernel=select_kernel(backend, device, cdt, attn.head_dim),
+                     kernel=select_kernel(backend, device, cdt, attn.head_dim, documents is not None),
                      group=None if tp is None else tp.group,
                      sequence_parallel=bool(tp is not None and tp.sequence_parallel and comm.group_size(tp.group) > 1),
-                     overlap=True if tp is None else tp.overlap, compute_dtype=cdt)
+                     overlap=True if tp is None else tp.overlap, compute_dtype=cdt, documents=documents)
 
 
 class SelectiveBlock(TransformerBlock):
@@ -441,10 +449,10 @@ class SelectiveBlock(TransformerBlock):
         super().__init__(attention_norm, attention, ffn_norm, feed_forward)
         self.tp = tp
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
+    def forward(self, x, cos, sin, start_pos: int = 0, cache=None, documents=None):
         if cache is not None or start_pos != 0 or not torch.is_grad_enabled():
-            return super().forward(x, cos, sin, start_pos, cache)
-        spec = layer_spec(self, x)
+            return super().forward(x, cos, sin, start_pos, cache, documents)
+        spec = layer_spec(self, x, documents)
         attn, ffn = self.attention, self.feed_forward
         lows, ab = _low_rank_inputs((attn.wq, attn.wk, attn.wv, attn.wo))
         h = _AttentionHalf.apply(x, self.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight,

@@ -4,7 +4,8 @@ the composed Hydra config into a validated RunConfig.
 - fields.py    ConfigError (one line naming the field) and the unknown-field check
 - model.py     ModelConfig, parameter and FLOP counts, the model presets
 - hf_model.py  Hugging Face's config.json <-> ModelConfig
-- sections.py  the train / optim / parallel / data / fault / peft sections, the names each choice may take
+- sections.py  the train / optim / parallel / data / fault / peft / task sections, the names each choice may take,
+               the prompt templates by name
 - layout.py    whether a parallel layout can shard a model over N processes
 - run.py       RunConfig and resolve()
 - compose.py   the config train.py would see, for tools and tests
@@ -15,10 +16,11 @@ from .fields import ConfigError, reject_unknown_fields
 from .layout import validate_layout
 from .model import PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
 from .run import RunConfig, resolve
-from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PRECISIONS, ZERO_STAGES, DataConfig,
-                       FaultConfig, OptimConfig, ParallelConfig, PeftConfig, TrainConfig)
+from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PRECISIONS, TASKS, ZERO_STAGES, DataConfig,
+                       FaultConfig, OptimConfig, ParallelConfig, PeftConfig, TaskConfig, TrainConfig, known_templates,
+                       template_file)
 
 __all__ = ["ACTIVATION_MODES", "ATTENTION_BACKENDS", "COMM_BACKENDS", "ConfigError", "DataConfig", "FaultConfig",
            "ModelConfig", "OptimConfig", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig", "RunConfig",
-           "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token", "get_preset",
-           "reject_unknown_fields", "resolve", "validate_layout"]
+           "TASKS", "TaskConfig", "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token",
+           "get_preset", "known_templates", "reject_unknown_fields", "resolve", "template_file", "validate_layout"]

@@ -4,8 +4,8 @@
 model.preset, or the config.json of the Hugging Face folder train.init_from with the vocabulary of
 train.init_tokenizer when given, plus field overrides), the parallel layout for `world_size` processes,
 the split of the global batch over the data-parallel ranks,
-the optimizer, fault and peft settings. The trainer, the planner and the launcher's check all take its result;
-none of them validates again. Torch-free.
+the optimizer, fault, peft and task settings. The trainer, the planner and the launcher's check all take its
+result; none of them validates again. Torch-free.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from .hf_model import model_config_from_hf
 from .layout import validate_layout
 from .model import ModelConfig, get_preset
 from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, DataConfig, FaultConfig, OptimConfig, ParallelConfig,
-                       PeftConfig, TrainConfig, check_choice, typed_section, validate_fault, validate_optim,
-                       validate_peft, validate_train)
+                       PeftConfig, TaskConfig, TrainConfig, check_choice, typed_section, validate_fault,
+                       validate_optim, validate_peft, validate_task, validate_train)
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RunConfig:
     logging: dict[str, Any]
     fault: FaultConfig = FaultConfig()
     peft: PeftConfig = PeftConfig()   # adapters on a frozen base (none: full training)
+    task: TaskConfig = TaskConfig()   # pretraining, or supervised finetuning on instruction data
     world_size: int = 1      # processes the config was validated for (tensor x data parallel)
 
     @property
@@ -120,6 +121,9 @@ def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     peft = typed_section(PeftConfig, cfg.get("peft") or {}, "peft")
     validate_peft(peft, parallel)
     _check_peft_run(peft, train, activation)
+    task = typed_section(TaskConfig, cfg.get("task") or {}, "task")
+    validate_task(task, train)
     return RunConfig(model=model, attention=attention, activation=activation, train=train, optim=optim,
                      data=DataConfig.from_dict(cfg["data"]), parallel=parallel,
-                     logging=dict(cfg.get("logging") or {}), fault=fault, peft=peft, world_size=world_size)
+                     logging=dict(cfg.get("logging") or {}), fault=fault, peft=peft, task=task,
+                     world_size=world_size)

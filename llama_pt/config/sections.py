@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Optional
 
+from .compose import REPO_CONFIGS
 from .fields import ConfigError, reject_unknown_fields
 from .model import ModelConfig
 
@@ -20,6 +22,8 @@ DEVICES = ("auto", "cpu", "cuda")                   # train.device
 COMM_BACKENDS = ("auto", "nccl", "gloo")            # parallel.backend
 ZERO_STAGES = (0, 1, 2)                             # parallel.zero_stage
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+TASKS = ("pretrain", "sft")                         # task.name (llama_pt.train.data_setup)
+TEMPLATES_DIR = REPO_CONFIGS / "templates"          # the prompt templates by name (llama_pt.instruct.templates)
 
 
 def check_choice(value: Any, known: tuple, field: str) -> Any:
@@ -67,6 +71,9 @@ class TrainConfig:
     init_tokenizer: Optional[str] = None  # grow init_from's vocabulary to this SentencePiece model (llama_pt.resize)
     sample_prompt: str = ""
     sample_tokens: int = 0
+    downstream_every: int = 0  # score downstream_task every N steps and at the last (llama_pt.evaluation.downstream)
+    downstream_task: Optional[str] = None  # a multiple-choice lm-eval task file, or a task of data/eval/
+    document_mask: bool = False  # attention stays inside each packed document (llama_pt.ops.documents)
 
     @property
     def global_batch_sequences(self) -> int:
@@ -185,11 +192,17 @@ def validate_train(train: TrainConfig, model: ModelConfig, dp_size: int) -> None
     if per_rank % train.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} does not divide the per-rank "
                           f"batch of {per_rank} sequences")
+    if not isinstance(train.document_mask, bool):
+        raise ConfigError(f"train.document_mask={train.document_mask!r} must be true or false")
     check_choice(train.precision, PRECISIONS, "train.precision")
     check_choice(train.device, DEVICES, "train.device")
-    for name in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "sample_tokens", "exit_interval"):
+    for name in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "sample_tokens", "exit_interval",
+                 "downstream_every"):
         if getattr(train, name) < 0:
             raise ConfigError(f"train.{name}={getattr(train, name)} must not be negative")
+    if train.downstream_every and not train.downstream_task:
+        raise ConfigError(f"train.downstream_every={train.downstream_every} needs train.downstream_task (a "
+                          "multiple-choice task file, or the name of a task in data/eval/)")
 
 
 def validate_optim(optim: OptimConfig) -> None:
@@ -265,3 +278,59 @@ def validate_peft(peft: PeftConfig, parallel: ParallelConfig) -> None:
     if peft.method == "qlora" and parallel.tensor_parallel > 1:
         raise ConfigError(f"peft.method=qlora with parallel.tensor_parallel={parallel.tensor_parallel} is "
                           f"unsupported: the NF4 base is not sharded (use parallel.tensor_parallel=1)")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The `task` group (configs/task/*.yaml). `pretrain`: the packed windows of data.manifest. `sft`:
+    supervised finetuning on instruction data (llama_pt.instruct): the records of `files` (Alpaca or ShareGPT,
+    JSON or JSONL) written with the prompt template `template` (a name in configs/templates/, or a YAML file
+    of that form), tokenized with `tokenizer` (default: train.init_from's tokenizer.model), and packed into
+    windows of train.seq_len + 1 tokens in an order drawn from `seed` (`packing` false: one example per window,
+    padded); the loss counts the response tokens only. The data section is not read under sft."""
+    name: str = "pretrain"
+    files: tuple[str, ...] = ()
+    template: str = "alpaca"
+    packing: bool = True
+    tokenizer: Optional[str] = None
+    seed: int = 1234
+
+
+def known_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.yaml"))
+
+
+def template_file(name: str, field: str = "task.template") -> Path:
+    """The YAML file of a prompt template: a name in configs/templates/, or the path of a .yaml file."""
+    if name in known_templates():
+        return TEMPLATES_DIR / f"{name}.yaml"
+    if str(name).endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    raise ConfigError(f"{field}={name!r} is unknown (known: {', '.join(known_templates())}; or a .yaml file)")
+
+
+def sft_tokenizer(task: TaskConfig, train: TrainConfig) -> str:
+    """The SentencePiece model an sft run tokenizes with: task.tokenizer, else train.init_from's."""
+    if task.tokenizer is not None:
+        if not Path(task.tokenizer).is_file():
+            raise ConfigError(f"task.tokenizer={task.tokenizer} does not exist")
+        return task.tokenizer
+    if train.init_from is None or not (Path(train.init_from) / "tokenizer.model").is_file():
+        raise ConfigError("task=sft needs a tokenizer: set task.tokenizer, or train.init_from to a Hugging Face "
+                          "folder with a tokenizer.model")
+    return str(Path(train.init_from) / "tokenizer.model")
+
+
+def validate_task(task: TaskConfig, train: TrainConfig) -> None:
+    check_choice(task.name, TASKS, "task.name")
+    if task.name != "sft":
+        return
+    if not isinstance(task.files, tuple) or not task.files:
+        raise ConfigError("task.files must list the instruction data files (Alpaca or ShareGPT JSON/JSONL)")
+    for path in task.files:
+        if not Path(path).is_file():
+            raise ConfigError(f"task.files: {path} does not exist")
+    template_file(task.template)
+    if not isinstance(task.packing, bool):
+        raise ConfigError(f"task.packing={task.packing!r} must be true or false")
+    sft_tokenizer(task, train)

@@ -9,6 +9,11 @@ modules are built from their parts so that a replacement can be assembled from a
 
 Rotary embeddings use the "rotate half" pairing (dimension i with i + head_dim/2), the layout of
 Hugging Face's LlamaForCausalLM, so weights move between the two without permutation.
+
+Packed documents (Llama 3, Dubey et al. 2024, Sec. 3.2): `Llama.forward` optionally takes each token's
+position (its RoPE angle is looked up per token) and the document each token belongs to (attention stays
+inside a document: llama_pt.ops.documents), so that several documents in one row compute what each
+computes alone.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import causal_attention
+from ..ops.documents import DocumentMask
 from ..config import ModelConfig
 
 
@@ -52,10 +58,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [b, s, heads, head_dim] by per-position angles; cos/sin are [s, head_dim]."""
+    """Rotate [b, s, heads, head_dim] by per-position angles; cos/sin are [s, head_dim], or [b, s, head_dim]
+    when each row has its own positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
     return (_at_least_fp32(x) * cos + _at_least_fp32(rotated) * sin).type_as(x)
 
 
@@ -92,7 +99,8 @@ class Attention(nn.Module):
         """The three input projections, one call: a tensor-parallel subclass fuses their communication here."""
         return self.wq(x), self.wk(x), self.wv(x)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None,
+                documents: Optional[DocumentMask] = None):
         # Shapes come from the projections, not from x: under sequence parallelism x holds a
         # sequence shard and the (column-parallel) projections return the full sequence.
         q, k, v = self.project_qkv(x)
@@ -103,7 +111,7 @@ class Attention(nn.Module):
             cache.k[:b, start_pos:start_pos + s] = k
             cache.v[:b, start_pos:start_pos + s] = v
             k, v = cache.k[:b, :start_pos + s], cache.v[:b, :start_pos + s]
-        out = causal_attention(q, k, v, backend=self.backend, q_offset=start_pos)
+        out = causal_attention(q, k, v, backend=self.backend, q_offset=start_pos, documents=documents)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -148,8 +156,9 @@ class TransformerBlock(nn.Module):
     def parts(self) -> tuple[RMSNorm, Attention, RMSNorm, FeedForward]:
         return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache)
+    def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None,
+                documents: Optional[DocumentMask] = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -188,15 +197,23 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.backend = backend
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0,
-                caches: Optional[list[KVCache]] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: Optional[list[KVCache]] = None,
+                positions: Optional[torch.Tensor] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [batch, seq, padded vocab] for tokens [batch, seq] placed at positions start_pos...; those of
-        the padding ids are not masked here (llama_pt.model.vocab.mask_padded_vocab)."""
+        the padding ids are not masked here (llama_pt.model.vocab.mask_padded_vocab).
+
+        positions [batch, seq]: each token's own RoPE position instead (e.g. restarting in every document);
+        documents [batch, seq]: the document of each token, a new value starting a new document; a token
+        attends only to the earlier tokens of its own document (llama_pt.ops.documents)."""
         s = tokens.shape[1]
         if start_pos + s > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + s} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s]
+        if positions is None:
+            cos, sin = self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [batch, seq, head_dim]
+        mask = None if documents is None else DocumentMask(documents)  # built once, shared by the layers
         h = self.tok_embeddings(tokens)                       # a pipeline's first stage: the embedding,
         for i, layer in enumerate(self.layers):                 # every stage: a contiguous run of layers,
-            h = layer(h, cos, sin, start_pos, None if caches is None else caches[i])
+            h = layer(h, cos, sin, start_pos, None if caches is None else caches[i], mask)
         return self.output(self.norm(h))                      # the last stage: the final norm and the head

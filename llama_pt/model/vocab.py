@@ -2,7 +2,7 @@
 rows, and the ids from vocab_size on are padding, no token of the tokenizer.
 
 `mask_padded_vocab` is the one place their logits are taken out: the loss (llama_pt.parallel.cross_entropy,
-on each rank's slice of the vocabulary), held-out perplexity (llama_pt.evaluate) and sampling
+on each rank's slice of the vocabulary), held-out perplexity (llama_pt.evaluation) and sampling
 (llama_pt.generate) all call it.
 """
 from __future__ import annotations

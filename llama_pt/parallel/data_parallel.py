@@ -106,8 +106,9 @@ class PlainDataParallel:
             self._pending.append((param.grad, dist.all_reduce(param.grad, group=self.pstate.dp_group,
                                                               async_op=True)))
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(inputs)
+    def forward(self, inputs: torch.Tensor, **layout) -> torch.Tensor:
+        """The model's logits; `layout`: its positions and documents (llama_pt.model.Llama.forward), if any."""
+        return self.module(inputs, **layout)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch's mean loss, scaled by 1 / (micro-batches per step)."""

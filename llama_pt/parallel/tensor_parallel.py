@@ -178,9 +178,10 @@ def parallelize(model: Llama, pstate: ParallelState, *, sequence_parallel: Optio
     return apply_module_plan(model, tensor_parallel_plan(Sharding(pstate, tp)))
 
 
-def make_loss_fn(pstate: ParallelState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """loss_fn(logits_local, targets) -> mean token cross-entropy over the real vocabulary (the padding ids
-    masked), without gathering the logits."""
+def make_loss_fn(pstate: ParallelState) -> Callable[..., torch.Tensor]:
+    """loss_fn(logits_local, targets, scored=None, normalizer=None) -> mean token cross-entropy over the real
+    vocabulary (the padding ids masked), without gathering the logits; with a loss mask `scored`, the sum over
+    the scored tokens divided by `normalizer` (.cross_entropy)."""
     return functools.partial(vocab_parallel_cross_entropy, group=pstate.tp_group,
                              vocab_size=pstate.model_config.vocab_size)
 

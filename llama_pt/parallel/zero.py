@@ -99,8 +99,8 @@ class ZeroDataParallel:
         self.optimizer._hp_optimizer_states_linked = False
         self.optimizer._lazy_init_hp_params_optimizer_state()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs)
+    def forward(self, inputs: torch.Tensor, **layout) -> torch.Tensor:
+        return self.engine(inputs, **layout)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """DeepSpeed scales by 1 / gradient_accumulation_steps and reduces (stage 2: every micro-batch)."""

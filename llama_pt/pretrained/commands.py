@@ -1,8 +1,10 @@
 """Commands on a trained model (MODEL is a checkpoint folder or a Hugging Face folder):
     python -m llama_pt.pretrained export CHECKPOINT OUT_DIR [--dtype bfloat16]     (adapters merged in)
     python -m llama_pt.pretrained export-peft CHECKPOINT OUT_DIR [--dtype float32]  (adapters as a peft folder)
+    python -m llama_pt.pretrained export-gguf MODEL OUT.gguf [--type f16]  (llama.cpp's format; docs/gguf.md)
     python -m llama_pt.pretrained sample MODEL --prompt "The" [--tokens 64 --temperature 0.8 --top-p 0.95]
-    python -m llama_pt.pretrained perplexity MODEL --manifest held_out.json [--seq-len 2048]
+    python -m llama_pt.pretrained perplexity MODEL --manifest held_out.json [--seq-len 2048] [--stride 512]
+    python -m llama_pt.pretrained eval MODEL --tasks demo_piqa llama1_zero_shot [--limit N]   (lm-eval; .evaluation_commands)
     python -m llama_pt.pretrained resize MODEL NEW.model OUT [--init subtoken_mean] [--base-tokenizer OLD.model]
 
 Arithmetic on weights (.weight_arithmetic; outputs are Hugging Face folders):
@@ -13,47 +15,39 @@ Arithmetic on weights (.weight_arithmetic; outputs are Hugging Face folders):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ..model import Llama
+from ..gguf_export import GGUF_TYPES
 from ..train.checkpoint import CheckpointError
-from .loading import export_checkpoint, export_peft_checkpoint, is_hf_folder, load_checkpoint_model, load_hf_model, load_model, tokenizer_of_checkpoint
+from .loading import export_checkpoint, export_peft_checkpoint, load_model_and_tokenizer
+from .evaluation_commands import add_evaluation_parsers, eval_command, perplexity_command
+from .chat import add_chat_parser, chat_command
 from .resize import add_resize_parser, resize_command
-
-
-def _model_and_tokenizer(model_path: str, given: Optional[str]) -> tuple[Llama, Path]:
-    """The model, and its tokenizer: --tokenizer, else the HF folder's, else the training manifest's."""
-    if is_hf_folder(model_path):
-        model, found = load_hf_model(model_path), Path(model_path) / "tokenizer.model"
-        found = found if found.is_file() else None
-    else:
-        model, state = load_checkpoint_model(model_path)
-        found = tokenizer_of_checkpoint(state)
-    tokenizer = Path(given) if given else found
-    if tokenizer is None:
-        raise FileNotFoundError(f"no tokenizer found for {model_path}: pass --tokenizer")
-    return model, tokenizer
 
 
 def _sample(args) -> str:
     from ..generate import sample_text
     from ..tokenizer import Tokenizer
-    model, tokenizer_path = _model_and_tokenizer(args.model, args.tokenizer)
+    model, tokenizer_path = load_model_and_tokenizer(args.model, args.tokenizer)
     return sample_text(model, Tokenizer(tokenizer_path), args.prompt, max_new_tokens=args.tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
-def _perplexity(args) -> str:
-    from ..data import load_manifest
-    from ..evaluate import evaluate_perplexity
-    model = load_model(args.model)
-    prefixes = [p for s in load_manifest(args.manifest)["sources"] for p in s["prefixes"]]
-    seq_len = args.seq_len or model.cfg.max_seq_len
-    result = evaluate_perplexity(model, prefixes, seq_len, args.batch_size, max_batches=args.max_batches)
-    return json.dumps(result)
+def _export_gguf(args) -> Path:
+    """The model (adapters merged) as a GGUF file; one line on stderr names the weights written in f16 because
+    their rows do not fill the requested type's blocks."""
+    from ..adapters.lora import merge
+    from ..gguf_export import export_gguf
+    model, tokenizer_path = load_model_and_tokenizer(args.model, args.tokenizer)
+    merge(model)
+    result = export_gguf(model.state_dict(), model.cfg, args.out, tokenizer_path, args.type,
+                         name=Path(args.model).resolve().name)
+    if result.fallbacks:
+        print(f"note: {len(result.fallbacks)} weight(s) written as f16, their rows not a multiple of {args.type}'s "
+              f"block of {result.block}: {', '.join(result.fallbacks)}", file=sys.stderr)
+    return result.path
 
 
 WEIGHT_ARITHMETIC = ("make-delta", "apply-delta", "average")
@@ -98,6 +92,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     export_peft.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export_peft.add_argument("--base-out", default=None,
                              help="where to write the grown base (runs that used train.init_tokenizer)")
+    to_gguf = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp (adapters merged in)")
+    to_gguf.add_argument("model")
+    to_gguf.add_argument("out")
+    to_gguf.add_argument("--type", default="f16", choices=list(GGUF_TYPES),
+                         help="type of the 2-D weights (norms stay f32); default f16")
+    to_gguf.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model's, as for sample)")
     sample = sub.add_parser("sample", help="continue a prompt (temperature + top-p sampling, KV cache)")
     sample.add_argument("model")
     sample.add_argument("--prompt", default="")
@@ -106,28 +106,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     sample.add_argument("--top-p", type=float, default=0.95)
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--tokenizer", default=None)
-    ppl = sub.add_parser("perplexity", help="held-out perplexity over the shards of a manifest")
-    ppl.add_argument("model")
-    ppl.add_argument("--manifest", required=True)
-    ppl.add_argument("--seq-len", type=int, default=None)
-    ppl.add_argument("--batch-size", type=int, default=8)
-    ppl.add_argument("--max-batches", type=int, default=None)
+    add_evaluation_parsers(sub)
     _add_weight_arithmetic(sub)
     add_resize_parser(sub)
+    add_chat_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "chat":
+            return chat_command(args)
         if args.command in WEIGHT_ARITHMETIC:
             print(_weight_arithmetic(args))
         elif args.command == "export":
             print(export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.tokenizer))
         elif args.command == "export-peft":
             print(export_peft_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.base_out))
+        elif args.command == "export-gguf":
+            print(_export_gguf(args))
         elif args.command == "sample":
             print(_sample(args))
         elif args.command == "resize":
             print(resize_command(args))
+        elif args.command == "perplexity":
+            print(perplexity_command(args))
         else:
-            print(_perplexity(args))
+            print(eval_command(args))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

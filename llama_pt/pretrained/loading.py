@@ -67,10 +67,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Llama:
     return load_hf_model(path, device) if is_hf_folder(path) else load_checkpoint_model(path, device)[0]
 
 
+def load_model_and_tokenizer(model_path: str | Path, tokenizer: Optional[str | Path] = None,
+                             device: str | torch.device = "cpu") -> tuple[Llama, Path]:
+    """The model, and its tokenizer: `tokenizer` if given, else the HF folder's, else the training manifest's."""
+    if is_hf_folder(model_path):
+        model, found = load_hf_model(model_path, device), Path(model_path) / "tokenizer.model"
+        found = found if found.is_file() else None
+    else:
+        model, state = load_checkpoint_model(model_path, device)
+        found = tokenizer_of_checkpoint(state)
+    path = Path(tokenizer) if tokenizer else found
+    if path is None:
+        raise FileNotFoundError(f"no tokenizer found for {model_path}: pass --tokenizer")
+    return model, path
+
+
 def tokenizer_of_checkpoint(state: dict[str, Any]) -> Optional[Path]:
-    """The tokenizer named by the data manifest the checkpoint was trained on, if it still exists."""
+    """The tokenizer the checkpoint was trained with, if it still exists: an instruction-tuning run's (task.tokenizer,
+    else train.init_from's tokenizer.model), else the one named by the data manifest."""
     from ..data import load_manifest
-    manifest = (state.get("config") or {}).get("data", {}).get("manifest")
+    config = state.get("config") or {}
+    task = config.get("task") or {}
+    if task.get("name") == "sft":
+        init_from = (config.get("train") or {}).get("init_from")
+        found = task.get("tokenizer") or (init_from and Path(init_from) / "tokenizer.model")
+        return Path(found) if found and Path(found).is_file() else None
+    manifest = config.get("data", {}).get("manifest")
     if not manifest or not Path(manifest).is_file():
         return None
     tokenizer = Path(load_manifest(manifest, check_files=False)["tokenizer"])

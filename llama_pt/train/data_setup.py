@@ -5,11 +5,16 @@ The sources' epoch tables (llama_pt.data.packing) go to data.index_dir, by defau
 builds the tables of the epochs the run's train.steps read (at most the first 8 of each source,
 llama_pt.data.samples.PREBUILT_EPOCHS) while the other ranks wait at a barrier; a later epoch is built
 on demand by the first process that needs it.
+
+Under task=sft the windows come from instruction data instead (llama_pt.instruct): every rank reads, tokenizes
+and packs task.files itself (a pure function of the config), global rank 0 alone printing the skipped records.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
+from ..config.sections import sft_tokenizer
 from ..data import (BlendedSamples, MicroBatchLoader, SequentialWindows, build_train_samples, format_epoch_table,
                     load_manifest, valid_prefixes)
-from ..evaluate import evaluate_perplexity
+from ..evaluation import evaluate_perplexity
 from ..parallel import FullLogits, ParallelState
 
 
@@ -55,7 +61,7 @@ class TrainData:
     tokenizer_path: Path
     vocab_size: int
     eos_id: int
-    epoch_table: str
+    epoch_table: str  # what the run reads: per source, or the instruction data's summary
 
 
 def prepare_index(samples: BlendedSamples, num_samples: int) -> None:
@@ -70,6 +76,8 @@ def prepare_index(samples: BlendedSamples, num_samples: int) -> None:
 def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bool = True) -> TrainData:
     """Open and check the data of `run` for one data-parallel rank; `build_index=False` (the launcher's
     config check) leaves the epoch tables to the trainer."""
+    if run.task.name == "sft":
+        return build_instruction_data(run, dp_rank, dp_size)
     cfg = run.data
     if cfg.index_dir is None:
         cfg = dataclasses.replace(cfg, index_dir=str(Path(run.train.out_dir) / "data_index"))
@@ -90,3 +98,20 @@ def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bo
     table = format_epoch_table(samples.epoch_report(run.train.steps * run.train.global_batch_tokens))
     return TrainData(loader=loader, valid=valid, tokenizer_path=Path(manifest["tokenizer"]),
                      vocab_size=samples.vocab_size, eos_id=samples.eos_id, epoch_table=table)
+
+
+def build_instruction_data(run: RunConfig, dp_rank: int, dp_size: int) -> TrainData:
+    """task=sft: the packed instruction windows of task.files for one data-parallel rank (no held-out data)."""
+    from ..instruct import open_instruction_data
+    tokenizer = sft_tokenizer(run.task, run.train)
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    warn = (lambda line: None) if quiet else functools.partial(print, file=sys.stderr)
+    data = open_instruction_data(run.task, run.train.seq_len, tokenizer,
+                                 run.train.steps * run.train.global_batch_sequences, warn)
+    if data.tokenizer.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the vocabulary of the sft "
+                          f"tokenizer {tokenizer} ({data.tokenizer.vocab_size})")
+    loader = MicroBatchLoader(data.samples, run.train.global_batch_sequences, run.train.micro_batch_size,
+                              dp_rank=dp_rank, dp_size=dp_size)
+    return TrainData(loader=loader, valid=None, tokenizer_path=Path(tokenizer), vocab_size=data.tokenizer.vocab_size,
+                     eos_id=data.tokenizer.eos_id, epoch_table=data.summary)

@@ -75,22 +75,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> Optional[Path]:
+    """The training (and held-out) loss by step; below it, when the run scored a downstream task
+    (train.downstream_every), its accuracies (acc, acc_norm) by step in a second panel."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    downstream = {name: [(r["step"], r[key]) for r in records if key in r]
+                  for name, key in (("acc", "downstream_acc"), ("acc_norm", "downstream_acc_norm"))}
+    downstream = {name: points for name, points in downstream.items() if points}
     if not train:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if downstream:
+        fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train loss")
     if valid:
         ax.plot(*zip(*valid), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if downstream:
+        for name, points in downstream.items():
+            acc_ax.plot(*zip(*points), "s-", label=f"downstream {name}")
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.grid(alpha=0.3)
+        acc_ax.legend()
+    (acc_ax if downstream else ax).set_xlabel("optimizer step")
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

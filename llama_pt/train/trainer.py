@@ -6,9 +6,18 @@ the model (.model_setup: llama_pt.model, sharded by llama_pt.parallel's plan, bl
 mode), the data (.data_setup: this data-parallel rank's part of every global batch), the gradient
 reduction and optimizer step (a data-parallel engine: all-reduce, or DeepSpeed ZeRO), the schedule
 (.optim), the arithmetic (.precision), checkpoints and RNG (.checkpointing), faults (.fault_policy),
+downstream accuracy (.downstream, lm-eval on a local task every train.downstream_every steps),
 reporting (.run_log, global rank 0 only). Resume restores weights, optimizer moments, the step and the
 loader counter, so the losses after a restart on the same layout are bitwise those of an uninterrupted
 run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
+
+The loss (`train_step`): every target of a pretraining window counts, and each micro-batch's loss is its mean.
+Instruction windows (task=sft) count their response tokens only: the loss is the sum over the scored targets
+of the GLOBAL batch divided by their number N, so every response token weighs the same however they fall into
+micro-batches and data-parallel ranks. The engines average the micro-batch losses over the G micro-batches and
+D ranks of a step, so each micro-batch's loss is its sum divided by N / (G D), N counted before the first
+forward (one all-reduce over DP). With train.document_mask the model gets each token's document and position
+(llama_pt.data.batch: the examples of instruction windows, EOS-separated documents of pretraining windows).
 
 Faults (docs/fault_tolerance.md): a stop signal (.preemption) ends the loop after the current step
 with a checkpoint; a step whose loss or gradient norm is bad is skipped and too many in a row roll the
@@ -28,12 +37,15 @@ import torch.distributed as dist
 
 from ..adapters.apply import apply_peft
 from ..config import RunConfig, count_parameters, flops_per_token
+from ..data.batch import read_micro_batch, scored_targets
 from ..generate import sample_text
 from ..model import Llama
+from ..ops.documents import document_positions
 from ..parallel import CheckpointLayout, PlainDataParallel, full_state_dict, make_loss_fn
 from ..tokenizer import Tokenizer
 from .checkpointing import CheckpointManager, checkpoint_to_resume, peft_record
 from .data_setup import TrainData, build_train_data
+from .downstream import build_downstream
 from .distributed import DistContext, single_process
 from .fault_policy import FaultPolicy
 from .metrics import mfu, peak_flops
@@ -68,6 +80,7 @@ class Trainer:
     def _build(self, run: RunConfig) -> None:
         self.precision = resolve_precision(self.device, run.train.precision)
         self.data: TrainData = build_train_data(run, dp_rank=self.pstate.dp_rank, dp_size=self.pstate.dp_size)
+        self.downstream = build_downstream(run, self.data.tokenizer_path)  # its task checked before any step
         self.resume_from = checkpoint_to_resume(self.out_dir / "checkpoints", run.train.resume)
         model = build_model(run, self.pstate, self.device, resuming=self.resume_from is not None)
         self.loss_fn = make_loss_fn(self.pstate)
@@ -155,13 +168,16 @@ class Trainer:
         n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         skipped, stop, mean_loss = None, False, math.nan
+        normalizer = self._loss_normalizer(micro_batches)
         for i, batch in enumerate(micro_batches):
             self.faults.beat(self.step + 1, f"forward/backward {i + 1}/{n}")
-            batch = batch.to(self.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
+            micro = read_micro_batch(batch.to(self.device, non_blocking=True), self.run.train.document_mask,
+                                     self.data.eos_id)
+            layout = {} if micro.documents is None else {"positions": document_positions(micro.documents),
+                                                         "documents": micro.documents}
             with self.autocast():
-                logits = self.engine.forward(inputs)
-            loss = self.loss_fn(logits, targets)
+                logits = self.engine.forward(micro.inputs, **layout)
+            loss = self.loss_fn(logits, micro.targets, scored=micro.scored, normalizer=normalizer)
             loss_sum += loss.detach().float()
             if i == n - 1:  # the global loss is known before the last backward: decide now
                 mean_loss = self._global_mean(loss_sum / n)
@@ -175,6 +191,16 @@ class Trainer:
         self.step += 1
         skipped = self.faults.after_update(mean_loss, grad_norm, skipped)
         return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
+
+    def _loss_normalizer(self, micro_batches: list[torch.Tensor]) -> Optional[float]:
+        """N / (G D) for a step whose windows have a loss mask (N: their scored targets over the global batch,
+        at least 1), None for pretraining windows (each micro-batch's mean)."""
+        if micro_batches[0].dim() == 2:
+            return None
+        total = torch.tensor(sum(scored_targets(b) for b in micro_batches), dtype=torch.float64, device=self.device)
+        if self.pstate.dp_size > 1:
+            dist.all_reduce(total, group=self.pstate.dp_group)
+        return max(total.item(), 1.0) / (len(micro_batches) * self.pstate.dp_size)
 
     def _global_mean(self, local_mean: torch.Tensor) -> float:
         """The global batch's mean loss (equal micro-batch counts per data-parallel rank)."""
@@ -233,6 +259,8 @@ class Trainer:
                                     **({"skipped": skipped} if skipped is not None else {})})
             if t.eval_every and (self.step % t.eval_every == 0 or is_last):
                 self._evaluate_and_log(log)
+            if t.downstream_every and (self.step % t.downstream_every == 0 or is_last):
+                self._downstream_and_log(log)
             if not is_last and stop_agreed:
                 stopped_by = stop.name if stop is not None and stop.requested else "a stop signal on another rank"
             elif not is_last and t.exit_interval and self.step % t.exit_interval == 0:
@@ -277,6 +305,13 @@ class Trainer:
         valid = self.evaluate()
         if valid is not None:
             log.log(self.step, {**valid, "eval_s": time.perf_counter() - started})
+
+    def _downstream_and_log(self, log: RunLogger) -> None:
+        """Accuracy on train.downstream_task (every rank computes it; rank 0 logs)."""
+        self.faults.beat(self.step, "downstream evaluation")
+        started = time.perf_counter()
+        scores = self.downstream.evaluate(self.model, self.autocast, self.pstate)
+        log.log(self.step, {**scores, "downstream_s": time.perf_counter() - started})
 
     def _save_and_log(self, log: RunLogger) -> None:
         if self.checkpoints.saved_at == self.step:
