@@ -118,3 +118,22 @@ def test_the_end_marker_is_never_printed():
     assert frame.end_text == "<|eot_id|>" and frame.prefix == ""
     assert frame.printable("Paris<|eot") == "Paris" and frame.printable("Paris") == "Paris"
     assert ResponseFrame.of(load_template("vicuna_v1.1")) == ResponseFrame(" ", "")
+
+
+def test_sampled_replies_stream_and_follow_temperature_and_top_p(model_folder):
+    """The reply arrives in growing pieces, and with --temperature/--top-p/--seed it is the sampled continuation
+    `generate` draws with the same settings; another top-p draws another one."""
+    from llama_pt.pretrained.loading import load_hf_model
+    model = load_hf_model(model_folder)
+    tokenizer = Tokenizer(model_folder / "tokenizer.model")
+    template = load_template("alpaca")
+    replies = {}
+    for top_p in (0.9, 0.3):
+        session = ChatSession(model, tokenizer, template, temperature=1.2, top_p=top_p, max_new_tokens=20, seed=3)
+        parts = list(session.reply("Name a licence."))
+        assert len(parts) > 5 and all(b.startswith(a) for a, b in zip(parts, parts[1:-1]))
+        prompt = encode(Conversation((("user", "Name a licence."),)), template, tokenizer)[0].tolist()
+        want = generate(model, [prompt], 20, temperature=1.2, top_p=top_p, eos_id=tokenizer.eos_id, seed=3)[0]
+        assert parts[-1] == tokenizer.decode(want)
+        replies[top_p] = parts[-1]
+    assert replies[0.9] != replies[0.3]

@@ -89,13 +89,14 @@ def test_quick_cpu_run_on_a_bare_image_writes_the_report_and_the_section(tmp_pat
     assert report["setup"]["missing"] == [w.spec for w in WHEELS] and report["setup"]["problems"]
     assert report["setup"]["expected_missing"] == []
     assert all(steps[name]["status"] == "ok" and steps[name]["seconds"] > 0
-               for name in ("tests", "bench_layer", "bench_parallel"))
+               for name in ("tests", "bench_layer", "bench_parallel", "bench_documents"))
 
     tests = report["tests"]
     assert (tests["passed"], tests["failed"], tests["errors"], tests["exit_code"]) == (0, 0, 0, 0)
     reasons = {c["test"].split("::")[0]: c["message"] for c in tests["cases"]}
     assert reasons.pop("tests/cuda/test_cuda_trainer.py").startswith("the trainer's path needs")  # it says why
-    assert set(reasons) == {f"tests/cuda/test_cuda_{n}.py" for n in ("attention", "compile", "hf", "layer")}
+    assert set(reasons) == {f"tests/cuda/test_cuda_{n}.py"
+                            for n in ("attention", "compile", "documents", "hf", "layer")}
     assert all(c["message"].startswith("needs a CUDA GPU") for c in tests["cases"] if "trainer" not in c["test"])
     assert tests["skipped"] == len(tests["cases"]) > 40
 
@@ -104,12 +105,22 @@ def test_quick_cpu_run_on_a_bare_image_writes_the_report_and_the_section(tmp_pat
                                                       ("llama_pt", "full"), ("transformers", "none")]
     assert [r["path"] for r in report["bench_parallel"]["results"]] == ["plain", "parallel_tp1"]
     assert "deepspeed" not in report["bench_parallel"]["versions"]  # it ran without deepspeed
+    documents = report["bench_documents"]
+    assert documents["environment"]["skipped"] == {} and documents["args"]["quick"]
+    assert [(r["kernel"], r["seq"], r["mask"]) for r in documents["rows"]] == [
+        (kernel, seq, mask) for seq in (256, 512) for kernel in ("cpu_flash", "math", "sdpa")
+        for mask in ("causal", "packed", "one_per_row")]
+    for r in documents["rows"]:
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and (r["mask"] == "causal") == (r["ratio_to_causal"] == 1)
+        one_document = r["mask"] != "packed"
+        assert (r["documents"] == r["batch"], r["visible_fraction"] == 1) == (one_document, one_document)
 
     text = results.read_text(encoding="utf-8")
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     section = text[text.index(BEGIN):text.index(END) + len(END)]
     assert "## GPU check — cpu (quick smoke run" in section
     for expected in ("| bench_parallel | ok |", "| tiny | transformers | none | sdpa | 2x32 |", "| parallel_tp1 |",
+                     "| bench_documents | ok |", "| cpu_flash | packed | 2x512 |", "seq 512: packed documents fastest",
                      "needs a CUDA GPU", "missing hydra-core=="):
         assert expected in section, expected
     assert insert_section(original, section) == text  # nothing else of RESULTS.md changed

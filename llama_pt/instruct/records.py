@@ -3,7 +3,8 @@
 Two record forms, told apart per record, in `.jsonl` files (one record per line) or `.json` files (a JSON array
 of records, or JSONL):
 - Alpaca (Taori et al. 2023, alpaca_data.json): {"instruction", "input", "output"}, all three strings, the input
-  possibly empty: one user turn (the instruction, with the input as its context) and one response.
+  possibly empty or absent (as in Alpaca-format sets that leave it out when there is none): one user turn (the
+  instruction, with the input as its context) and one response.
 - ShareGPT, as Vicuna trained on it (Chiang et al. 2023; FastChat's data format):
   {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}, "user" and "assistant" accepted
   for human and gpt: an optional system message first, then user and assistant turns alternating, user first
@@ -64,7 +65,8 @@ def _text(record: dict, key: str, allow_empty: bool = False) -> str:
 
 
 def alpaca_conversation(record: dict, where: str) -> Conversation:
-    instruction, context, output = _text(record, "instruction"), _text(record, "input", True), _text(record, "output")
+    context = _text(record, "input", allow_empty=True) if "input" in record else None
+    instruction, output = _text(record, "instruction"), _text(record, "output")
     return Conversation((("user", instruction), ("assistant", output)), input=context or None, where=where)
 
 

@@ -19,6 +19,9 @@ cut short or the run is killed:
   bench_layer     benchmarks/bench_layer.py: llama_125m and llama_1b, batch 8 x 2048, bf16 autocast, each
                   activation mode and attention backend next to transformers' LlamaForCausalLM
   bench_parallel  benchmarks/bench_parallel.py --single: the plain loop against the parallel path at TP=1
+  bench_documents benchmarks/bench_documents.py: attention forward + backward over packed documents (batch 4
+                  x 2048 and 4096, 16 heads of 128, bf16) per kernel, the variable-length flash kernel among
+                  them, against the same kernels' causal mask
 
 Outputs in --out (runs/gpu_check): gpu_check.json (machine, versions, set-up, each step's status and
 time, test counts and outcomes, the benchmarks' rows), a log per step, the benchmarks' own JSON files.

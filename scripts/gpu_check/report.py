@@ -34,7 +34,7 @@ def new_report(args: argparse.Namespace, device: str, caps: dict[str, int]) -> d
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": 0.0, "machine": {}, "setup": {},
         "steps": {name: {"status": "pending", "limit_s": cap} for name, cap in caps.items()},
-        "tests": None, "bench_layer": None, "bench_parallel": None}
+        "tests": None, "bench_layer": None, "bench_parallel": None, "bench_documents": None}
 
 
 def _version(dist: str) -> Optional[str]:

@@ -49,6 +49,7 @@ def render_section(report: dict, json_path: str) -> str:
     lines += _tests_lines(report.get("tests"), steps["tests"])
     lines += _bench_layer_lines(report.get("bench_layer"), steps["bench_layer"])
     lines += _bench_parallel_lines(report.get("bench_parallel"), steps["bench_parallel"])
+    lines += _bench_documents_lines(report.get("bench_documents"), steps["bench_documents"])
     return "\n".join(lines + ["", END])
 
 
@@ -141,4 +142,38 @@ def _bench_parallel_lines(bench: Optional[dict], step: dict) -> list[str]:
     if {"plain", "parallel_tp1"} <= set(by_path):
         ratio = by_path["parallel_tp1"]["tokens_per_s"] / by_path["plain"]["tokens_per_s"]
         lines.append(f"\nparallel_tp1 / plain tokens/s: {ratio:.3f}.")
+    return lines
+
+
+def _bench_documents_lines(bench: Optional[dict], step: dict) -> list[str]:
+    lines = ["", "### Attention over packed documents: document masks against causal, per kernel "
+                 "(`benchmarks/bench_documents.py`)", ""]
+    if not bench:
+        return lines + [f"No rows ({step['status']})."]
+    args, skipped = bench["args"], bench["environment"]["skipped"]
+    lines += [f"`{step.get('command', '')}`: {args['heads']} heads ({args['kv_heads']} key/value) of "
+              f"{args['head_dim']}, {args['dtype']}, forward + backward, median of {args['iters']} steps after "
+              f"{args['warmup']} warm-up; `packed`: log-normal document lengths of mean {args['doc_mean']:g} (sigma "
+              f"{args['doc_sigma']:g}, seed {args['seed']}), `one_per_row`: the document path with one document per "
+              f"row; `visible`: the visible query-key pairs over causal's; step {step['status']}."]
+    if skipped:
+        lines.append("Not run: " + "; ".join(f"{kernel} ({why})" for kernel, why in skipped.items()) + ".")
+    lines += ["", "| kernel | mask | batch x seq | documents | mean length | visible | ms fwd+bwd | x causal | "
+                  "tokens/s |", "| --- | --- | --- " + "| ---: " * 6 + "|"]
+    for r in bench["rows"]:
+        head = f"| {r['kernel']} | {r['mask']} | {r['batch']}x{r['seq']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | | | | | |")
+            continue
+        lines.append(f"{head} {r['documents']} | {r['mean_doc_len']:.0f} | {r['visible_fraction']:.3f} | "
+                     f"{r['ms']:.2f} | {r['ratio_to_causal']:.2f} | {r['tokens_per_s']:.0f} |")
+    for seq in dict.fromkeys(r["seq"] for r in bench["rows"]):
+        rows = [r for r in bench["rows"] if r["seq"] == seq and "error" not in r]
+        causal = [r for r in rows if r["mask"] == "causal"]
+        packed = [r for r in rows if r["mask"] == "packed"]
+        if causal and packed:
+            fast_causal, fast_packed = (min(group, key=lambda r: r["ms"]) for group in (causal, packed))
+            lines.append(f"\nseq {seq}: packed documents fastest with `{fast_packed['kernel']}`, "
+                         f"{fast_packed['ms']:.2f} ms: {fast_packed['ms'] / fast_causal['ms']:.2f}x the time of the "
+                         f"fastest causal kernel (`{fast_causal['kernel']}`, {fast_causal['ms']:.2f} ms).")
     return lines

@@ -1,6 +1,6 @@
 """The check's steps, most important first, under one time budget: setup (the wheels' packages), tests
-(pytest tests/cuda), bench_layer and bench_parallel. Each step but setup is a subprocess in its own process
-group, ended at the step's limit; the report is saved as each step starts and ends.
+(pytest tests/cuda), bench_layer, bench_parallel and bench_documents. Each step but setup is a subprocess in
+its own process group, ended at the step's limit; the report is saved as each step starts and ends.
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ from .wheels import importable, install_missing
 # A step's time limit is its cap, or less: what is left of the budget after keeping the reserves of the
 # steps after it. bench_layer's cap is generous because its run time depends on the host CPU (it builds
 # each row's 1B-parameter model there); it gets whatever the earlier steps leave. The default budget,
-# plus the grace of a last step stopped at its limit, keeps the whole check under 8 minutes.
-STEP_CAPS = {"setup": 40, "tests": 165, "bench_layer": 300, "bench_parallel": 55}
-STEP_RESERVES = {"setup": 0, "tests": 90, "bench_layer": 150, "bench_parallel": 40}
+# plus the grace of a last step stopped at its limit, keeps the whole check under 8 minutes. bench_documents
+# (attention alone, no model to build) needs far less than its cap and writes its JSON after each kernel, so
+# its reserve is the smallest.
+STEP_CAPS = {"setup": 40, "tests": 165, "bench_layer": 300, "bench_parallel": 55, "bench_documents": 60}
+STEP_RESERVES = {"setup": 0, "tests": 90, "bench_layer": 150, "bench_parallel": 40, "bench_documents": 30}
 DEFAULT_BUDGET = 460
 KILL_GRACE = 5  # seconds between SIGTERM and SIGKILL for a step past its limit
 PYTEST_PER_TEST_LIMIT = 120  # pytest-timeout, when installed: one hung test fails alone
@@ -127,6 +129,17 @@ class Check:
         self.report["bench_parallel"] = json.loads(out.read_text()) if out.is_file() else None
         self.end("bench_parallel", result)
 
+    def bench_documents(self) -> None:
+        limit = self.begin("bench_documents")
+        out = self.out / "bench_documents.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, "benchmarks/bench_documents.py", "--device", self.device, "--json", str(out)]
+        if self.args.quick:
+            cmd += ["--quick"]
+        result = run_step(cmd, self.env(), limit, self.out / "bench_documents.log")
+        self.report["bench_documents"] = json.loads(out.read_text()) if out.is_file() else None
+        self.end("bench_documents", result)
+
     def run(self) -> int:
         """The steps in order, each skipped once the budget is spent; 0 when every step is ok, else 1."""
         self.report["machine"] = describe_machine(self.device)
@@ -135,7 +148,7 @@ class Check:
         print(f"gpu-check on {m.get('gpu', 'cpu')}: torch {m['versions']['torch']}, Python {m['python']}; "
               f"budget {self.args.budget} s; report {rel(self.out / 'gpu_check.json')}", flush=True)
         for name, step in (("setup", self.setup), ("tests", self.tests), ("bench_layer", self.bench_layer),
-                           ("bench_parallel", self.bench_parallel)):
+                           ("bench_parallel", self.bench_parallel), ("bench_documents", self.bench_documents)):
             if self.limit(name) < 1:
                 self.report["steps"][name].update(status="not run: time budget spent", limit_s=0)
                 self.save()

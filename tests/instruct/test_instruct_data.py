@@ -29,6 +29,7 @@ def test_readers_count_and_skip_bad_records_with_file_and_line(tmp_path):
         json.dumps({"instruction": "  ", "input": "", "output": "x"}),
         json.dumps(["not", "an", "object"]),
         json.dumps({"instruction": " Add. ", "input": "1 2", "output": " 3 "}),
+        json.dumps({"instruction": "No input field.", "output": "Kept."}),  # the input is optional
     ]) + "\n")
     turn = lambda who, text: {"from": who, "value": text}  # noqa: E731
     records = [
@@ -50,17 +51,18 @@ def test_readers_count_and_skip_bad_records_with_file_and_line(tmp_path):
                                     "empty_instruction": 1, "not_an_object": 1, "unknown_role": 1,
                                     "roles_not_alternating": 2, "no_final_response": 1, "misplaced_system": 1,
                                     "empty_conversations": 1}
-    assert report.read == 15 and report.kept == 3 == len(conversations)
+    assert report.read == 16 and report.kept == 4 == len(conversations)
     assert len(warnings) == 12 and all("\n" not in w and w.startswith("warning: ") for w in warnings)
     assert f"{alpaca}:2: skipped (malformed_json)" in warnings[0]
     assert f"{alpaca}:3: skipped (missing_output)" in warnings[1]
     assert f"{sharegpt}:3: skipped (unknown_role)" in warnings[5]
     assert f"{sharegpt}:9: skipped (malformed_json)" in warnings[-1]  # the rest of the array is not read
-    assert report.summary().startswith("instruction records: 15 read, 3 kept; skipped: 1 empty_conversations")
+    assert report.summary().startswith("instruction records: 16 read, 4 kept; skipped: 1 empty_conversations")
     assert conversations[0] == Conversation((("user", "Say hi."), ("assistant", "Hi.")), where=f"{alpaca}:1")
     assert conversations[1].turns == (("user", "Add."), ("assistant", "3")) and conversations[1].input == "1 2"
-    assert conversations[2].system == "Be brief."
-    assert [role for role, _ in conversations[2].turns] == ["user", "assistant"] * 2
+    assert conversations[2].turns == (("user", "No input field."), ("assistant", "Kept.")) and conversations[2].input is None
+    assert conversations[3].system == "Be brief."
+    assert [role for role, _ in conversations[3].turns] == ["user", "assistant"] * 2
 
 
 def test_the_committed_data_set_reads_cleanly():
