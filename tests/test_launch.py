@@ -92,6 +92,13 @@ def test_bad_config_stops_in_one_line_before_any_worker_is_spawned(tmp_path, tok
     (4, ["parallel=tp2", "train.micro_batch_size=3"], "train.micro_batch_size=3 does not divide the per-rank "
                                                       "batch of 8 sequences"),
     (2, ["parallel.zero_stage=3"], "parallel.zero_stage=3 must be one of (0, 1, 2)"),
+    (4, ["parallel=pp2", "parallel.virtual_stages=2", "parallel.pipeline_schedule=interleaved_1f1b"],
+     "model.n_layers=2 is fewer than the 4 pipeline chunks (parallel.pipeline_parallel=2 x parallel.virtual_stages=2)"),
+    (4, ["parallel=pp2", "parallel.pipeline_parallel=4", "model.n_layers=4", "train.micro_batch_size=8"],
+     "parallel.pipeline_schedule=1f1b needs at least parallel.pipeline_parallel=4 micro-batches per data-parallel "
+     "rank, got 2 (raise train.global_batch_tokens or lower train.micro_batch_size)"),
+    (6, ["parallel=pp2_tp2"], "parallel.pipeline_parallel=2 x parallel.tensor_parallel=2 does not divide the world "
+                              "size 6"),
 ])
 def test_check_command_names_the_field(tmp_path, token_corpus, capsys, world, extra, message):
     assert check_main(["--world-size", str(world), *overrides(token_corpus, tmp_path, *extra)]) == 2
@@ -101,8 +108,16 @@ def test_check_command_names_the_field(tmp_path, token_corpus, capsys, world, ex
 def test_check_command_describes_a_good_layout(tmp_path, token_corpus, capsys):
     assert check_main(["--world-size", "4", *overrides(token_corpus, tmp_path, "parallel=tp2_sp",
                                                         "parallel.zero_stage=2")]) == 0
-    assert capsys.readouterr().out.strip() == ("ok: 4 process(es) = TP 2 +SP x DP 2 (zero_stage 2), "
+    assert capsys.readouterr().out.strip() == ("ok: 4 process(es) = TP 2 +SP x DP 2 (zero_stage 2) x PP 1, "
                                                "2 micro-batches of 4 per rank per step")
+
+
+def test_check_command_prints_the_pipeline_split(tmp_path, token_corpus, capsys):
+    assert check_main(["--world-size", "8", *overrides(token_corpus, tmp_path, "parallel=pp2_tp2",
+                                                        "model.n_layers=5", "train.eval_every=0")]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "ok: 8 process(es) = TP 2 x DP 2 (zero_stage 0) x PP 2, 2 micro-batches of 4 per rank per step; "
+        "PP 2 (1f1b): stage 0: emb + layers 0-2 | stage 1: layers 3-4 + head")
 
 
 def test_trainer_checks_the_layout_before_creating_a_process_group(tmp_path, token_corpus, capsys, monkeypatch):
