@@ -35,6 +35,8 @@ from llama_pt.train.trainer import Trainer
 
 Z = "parallel.zero_stage"
 TP2 = {"parallel.tensor_parallel": 2}
+PP2 = {"parallel.pipeline_parallel": 2}
+INTERLEAVED = {"parallel.virtual_stages": 2, "parallel.pipeline_schedule": "interleaved_1f1b", "model.n_layers": 4}
 # name: (overrides, actions); the launch's world size decides the data-parallel size.
 CASES = {
     # 4 processes: TP=2 x DP=2
@@ -54,6 +56,17 @@ CASES = {
     "tp1dp2_z1_corrupt": ({Z: 1}, ("corrupt",)),
     "tp1dp2_z2_resume": ({Z: 2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "tp2dp1_z0_resume": ({**TP2, Z: 0, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    # pipelines (tests/parallel/test_pipeline_train.py). 2 processes: PP=2
+    "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads",)),
+    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe"}, ("grads",)),
+    "pp2_interleaved": ({**PP2, **INTERLEAVED}, ("grads",)),
+    "pp2tp1_resume": ({**PP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    "pp1tp2_resume": ({**TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    # 4 processes: PP=2 x TP=2 (it saves the checkpoints the resumes read), with SP; PP=2 x DP=2 ZeRO-1
+    "pp2tp2": ({**PP2, **TP2, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
+    "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True}, ("grads",)),
+    "pp2tp2_resume": ({**PP2, **TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20}, ("grads",)),
 }
 
 
@@ -133,7 +146,7 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
     if trainer.resume_from is not None:
         trainer.restore(trainer.resume_from)
     p = trainer.pstate
-    result = {"tp": p.tp_size, "dp": p.dp_size, "sp": run.parallel.sequence_parallel,
+    result = {"tp": p.tp_size, "dp": p.dp_size, "pp": p.pp_size, "pp_rank": p.pp_rank, "sp": run.parallel.sequence_parallel,
               "zero": run.parallel.zero_stage, "overlap": run.parallel.overlap,
               "gas": run.grad_accumulation_steps(), "resumed_at": trainer.step, "steps": {},
               "dp_ranks": list(range(p.tp_rank, p.world_size, p.tp_size)),
@@ -171,6 +184,8 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
                 and "float" in c.dtype]  # gradients, not the trainer's int32 step-agreement flags
         else:
             metrics = original_step(micro_batches)
+        if trainer.timeline is not None:
+            result.setdefault("p2p_bytes", {})[index] = trainer.link.bytes_sent
         result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest}
         return metrics
 
