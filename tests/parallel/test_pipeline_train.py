@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from llama_pt.config import compose_config
+from support.single import single_run
 from support.torchrun import torchrun_results
 from support.workers import WORKERS
 from support.workers.train_worker import with_overrides
@@ -74,3 +75,100 @@ def _check_one_step(case: str, ranks: list[dict]) -> None:
 @pytest.mark.parametrize("case", TWO)
 def test_pp2_one_step_matches_single_process(two, case):
     _check_one_step(case, two[case])
+
+
+@pytest.fixture(scope="module")
+def single(out) -> dict:
+    cfg = with_overrides(json.loads((out / "base.json").read_text()),
+                         {"train.steps": 20, "train.out_dir": str(out / "single")})
+    return single_run(cfg)
+
+
+def _check_tracking(case: str, ranks: list[dict], single: dict) -> None:
+    ref = single["steps"]
+    for rank, r in enumerate(ranks):
+        assert sorted(r["steps"], key=int) == sorted(ref, key=int), case
+        for step, got in r["steps"].items():
+            want = ref[step]["loss"]
+            assert abs(got["loss"] - want) <= TRACK_TOL * want, (case, rank, step, got["loss"], want)
+            assert got["batch"] == ref[step]["batch"], (case, step)  # the same global batches
+
+
+def test_pp2_twenty_steps_track_single_process(two, single):
+    _check_tracking("pp2_1f1b", two["pp2_1f1b"], single)
+
+
+def expected_p2p_bytes(r: dict, cfg: dict) -> int:
+    """Bytes one stage sends per step: per micro-batch and per model-chunk boundary it borders, one activation
+    [micro-batch, seq (/ t under SP), dim] forward (from the chunk before the boundary) or its gradient
+    backward (from the chunk after it), fp32 here; p v - 1 boundaries, m micro-batches."""
+    t = cfg["train"]
+    m = t["global_batch_tokens"] // t["seq_len"] // (t["micro_batch_size"] * r["dp"])
+    seq = t["seq_len"] // r["tp"] if r.get("sp") and r["tp"] > 1 else t["seq_len"]
+    activation = t["micro_batch_size"] * seq * 64 * 4  # model=tiny: dim 64
+    p, v = r["pp"], r["virtual_stages"]
+    chunks = [k for k in range(p * v) if k % p == r["pp_rank"]]
+    sends = sum((k < p * v - 1) + (k > 0) for k in chunks)  # forward out of k, gradient back into k-1
+    return sends * m * activation
+
+
+@pytest.mark.parametrize("case", TWO)
+def test_p2p_bytes_per_step_equal_the_formula(out, two, case):
+    cfg = json.loads((out / "base.json").read_text())
+    for r in two[case]:
+        for step, sent in r["p2p_bytes"].items():
+            assert sent == expected_p2p_bytes(r, cfg), (case, r["pp_rank"], step, sent)
+
+
+@pytest.fixture(scope="module")
+def four(out) -> dict:
+    return _launch(4, FOUR, out)
+
+
+@pytest.mark.parametrize("case", ["pp2tp2", "pp2tp2_sp"])
+def test_pp2_tp2_one_step_matches_single_process(four, case):
+    assert {(r["tp"], r["pp"], r["sp"]) for r in four[case]} == {(2, 2, case.endswith("sp"))}
+    _check_one_step(case, four[case])
+
+
+def test_pp2_tp2_twenty_steps_track_single_process(four, single):
+    _check_tracking("pp2tp2", four["pp2tp2"], single)
+
+
+def test_pp2_tp2_p2p_bytes_equal_the_formula(out, four):
+    cfg = json.loads((out / "base.json").read_text())
+    for case in ("pp2tp2", "pp2tp2_sp"):
+        for r in four[case]:
+            assert set(r["p2p_bytes"].values()) == {expected_p2p_bytes(r, cfg)}, case
+
+
+@pytest.fixture(scope="module")
+def resharded(out, four) -> dict:
+    runs = _launch(2, RESHARD, out)
+    checkpoint = out / "pp2tp2" / "checkpoints" / f"step_{RESUME_STEP:08d}"
+    cfg = with_overrides(json.loads((out / "base.json").read_text()),
+                         {"train.steps": 20, "train.exit_interval": 8, "train.resume": str(checkpoint),
+                          "train.out_dir": str(out / "pp1tp1_resume")})
+    runs["pp1tp1_resume"] = [single_run(cfg)]
+    return runs
+
+
+def test_resume_is_bitwise_at_the_same_layout(four):
+    straight = four["pp2tp2"][0]["steps"]
+    for rank, r in enumerate(four["pp2tp2_resume"]):
+        assert r["resumed_at"] == RESUME_STEP
+        assert sorted(r["steps"], key=int) == ["5", "6", "7", "8"]
+        for step, got in r["steps"].items():
+            assert got["loss"] == straight[step]["loss"], (rank, step)
+            assert got["batch"] == straight[step]["batch"], (rank, step)
+
+
+@pytest.mark.parametrize("case", ["pp2tp1_resume", "pp1tp2_resume", "pp1tp1_resume"])
+def test_pp2_tp2_checkpoint_resumes_at_other_layouts(four, resharded, case):
+    straight = four["pp2tp2"][0]["steps"]
+    for rank, r in enumerate(resharded[case]):
+        assert sorted(r["steps"], key=int) == ["5", "6", "7", "8"], case
+        for step, got in r["steps"].items():
+            want = straight[step]["loss"]
+            assert abs(got["loss"] - want) <= TRACK_TOL * want, (case, rank, step, got["loss"], want)
+            assert got["batch"] == straight[step]["batch"], (case, step)  # data order unchanged

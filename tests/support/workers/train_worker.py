@@ -146,7 +146,8 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
     if trainer.resume_from is not None:
         trainer.restore(trainer.resume_from)
     p = trainer.pstate
-    result = {"tp": p.tp_size, "dp": p.dp_size, "pp": p.pp_size, "pp_rank": p.pp_rank, "sp": run.parallel.sequence_parallel,
+    result = {"tp": p.tp_size, "dp": p.dp_size, "pp": p.pp_size, "pp_rank": p.pp_rank,
+              "virtual_stages": run.parallel.virtual_stages, "sp": run.parallel.sequence_parallel,
               "zero": run.parallel.zero_stage, "overlap": run.parallel.overlap,
               "gas": run.grad_accumulation_steps(), "resumed_at": trainer.step, "steps": {},
               "dp_ranks": list(range(p.tp_rank, p.world_size, p.tp_size)),
