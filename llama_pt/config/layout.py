@@ -62,6 +62,10 @@ def validate_pipeline_run(cfg: ParallelConfig, train: TrainConfig, micro_batches
     if schedule == "interleaved_1f1b" and micro_batches % p:
         raise ConfigError(f"parallel.pipeline_schedule=interleaved_1f1b needs micro-batches per data-parallel "
                           f"rank ({micro_batches}) to be a multiple of parallel.pipeline_parallel={p}")
+    if cfg.zero_stage > 1 or (cfg.zero_stage and cfg.virtual_stages > 1):
+        raise ConfigError(f"parallel.zero_stage={cfg.zero_stage} with parallel.pipeline_parallel={p} and "
+                          f"parallel.virtual_stages={cfg.virtual_stages} is not supported (ZeRO-1 with one chunk "
+                          f"per stage is; DeepSpeed counts one backward per micro-batch)")
     for name in ("eval_every", "sample_tokens", "downstream_every"):
         if getattr(train, name):
             raise ConfigError(f"train.{name}={getattr(train, name)} is not supported with "

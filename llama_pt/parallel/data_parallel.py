@@ -145,6 +145,14 @@ class PlainDataParallel:
             self._pending = []
         self._reduced = True
 
+    def discard_gradients(self) -> None:
+        """Make this step's update skip: the reduced gradients turn non-finite, so the global norm does
+        (summed over TP and the pipeline's stages, every rank skips). Call after the last backward."""
+        self.reduce_gradients()
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
+
     def local_gradients(self) -> dict[str, torch.Tensor]:
         """{name: DP-reduced gradient of this rank's TP shard} (call between the last backward and step)."""
         self.reduce_gradients()

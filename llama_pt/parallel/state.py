@@ -67,6 +67,7 @@ class ParallelState:
         self.kv_replicas = max(1, t // model.kv_heads)
         self.tp_group = self.dp_group = None  # real groups (even of one rank) once distributed
         self.pp_group = None  # only with a pipeline (pp_size > 1)
+        self.model_parallel_group = None  # TP x PP: the ranks of one model replica (only with a pipeline)
         self.kv_replica_group = None  # only when kv heads are replicated (kv_replicas > 1)
         if distributed:
             self._build_groups()
@@ -96,6 +97,11 @@ class ParallelState:
             group = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 self.pp_group = group
+        for dp_rank in range(self.dp_size if self.pp_size > 1 else 0):
+            ranks = [s * stage_size + dp_rank * t + i for s in range(self.pp_size) for i in range(t)]
+            group = dist.new_group(ranks, timeout=self.timeout)
+            if self.rank in ranks:
+                self.model_parallel_group = group
 
     def stage_rank(self, stage: int) -> int:
         """The global rank holding pipeline stage `stage` (taken modulo the stages) with this rank's TP and DP
@@ -127,19 +133,27 @@ class ParallelState:
 
     # --- DeepSpeed `mpu` interface (deepspeed/utils/groups.py, runtime/zero/stage_1_and_2.py). ---
     # DeepSpeed's own "sequence parallel" is Ulysses (it divides the DP world); ours lives inside the
-    # TP group, so get_sequence_parallel_* are deliberately absent.
-    def get_model_parallel_rank(self) -> int:
+    # TP group, so get_sequence_parallel_* are deliberately absent. "Model parallel" is Megatron's TP x PP
+    # (one replica of the model): ZeRO sums its gradient norm over that group, counting a parameter without
+    # the `tensor_model_parallel` mark on TP rank 0 only (its TP rank comes from get_tensor_model_parallel_rank),
+    # so with a pipeline the norm covers every stage. Without one it is the TP group.
+    def get_tensor_model_parallel_rank(self) -> int:
         return self.tp_rank
 
-    def get_model_parallel_world_size(self) -> int:
+    def get_tensor_model_parallel_world_size(self) -> int:
         return self.tp_size
 
-    def get_model_parallel_group(self) -> Optional[dist.ProcessGroup]:
+    def get_tensor_model_parallel_group(self) -> Optional[dist.ProcessGroup]:
         return self.tp_group
 
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    def get_model_parallel_rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def get_model_parallel_group(self) -> Optional[dist.ProcessGroup]:
+        return self.model_parallel_group if self.pp_size > 1 else self.tp_group
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         """Global rank of TP rank 0 in this rank's TP group."""

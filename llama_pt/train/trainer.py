@@ -254,10 +254,7 @@ class Trainer:
         mean_loss = self._global_mean(loss_sum / m)
         skipped, stop = self.faults.decide(self.step + 1, mean_loss, stop_requested)
         if skipped is not None:
-            self.engine.reduce_gradients()
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.fill_(math.nan)
+            self.engine.discard_gradients()
         return skipped, stop, mean_loss
 
     def _loss_normalizer(self, micro_batches: list[torch.Tensor]) -> Optional[float]:

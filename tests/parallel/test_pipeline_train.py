@@ -3,7 +3,7 @@
 Launches of tests/support/workers/train_worker.py: 2 processes (PP=2 with GPipe, 1F1B and interleaved 1F1B at
 V=2; resumes of the PP=2 x TP=2 checkpoint at PP=2 x TP=1 and PP=1 x TP=2) and 4 processes (PP=2 x TP=2,
 with and without sequence parallelism, which saves the checkpoints; its bitwise resume; PP=2 x DP=2 with
-DeepSpeed ZeRO-1). One process (here) gives the reference losses and the PP=1 x TP=1 resume. Every case runs the
+DeepSpeed ZeRO-1, whose gradient norm DeepSpeed sums over the "model parallel" group TP x PP). One process (here) gives the reference losses and the PP=1 x TP=1 resume. Every case runs the
 selective (hand-written) layer, the config's default. Tolerances (fp32 on CPU):
 - one step, same model and global batch: loss, global gradient norm and every gradient of the stage to 1e-6
   relative (the issue's bound);
@@ -26,7 +26,7 @@ from support.workers.train_worker import with_overrides
 STEP_TOL, TRACK_TOL = 1e-6, 1e-5
 RESUME_STEP = 4
 TWO = ["pp2_1f1b", "pp2_gpipe", "pp2_interleaved"]
-FOUR = ["pp2tp2", "pp2tp2_sp", "pp2tp2_resume"]
+FOUR = ["pp2tp2", "pp2tp2_sp", "pp2tp2_resume", "pp2dp2_z1"]
 RESHARD = ["pp2tp1_resume", "pp1tp2_resume"]
 
 pytestmark = pytest.mark.slow
@@ -131,13 +131,19 @@ def test_pp2_tp2_one_step_matches_single_process(four, case):
     _check_one_step(case, four[case])
 
 
-def test_pp2_tp2_twenty_steps_track_single_process(four, single):
-    _check_tracking("pp2tp2", four["pp2tp2"], single)
+def test_pp2_dp2_zero1_one_step_matches_single_process(four):
+    assert {(r["tp"], r["dp"], r["pp"], r["zero"]) for r in four["pp2dp2_z1"]} == {(1, 2, 2, 1)}
+    _check_one_step("pp2dp2_z1", four["pp2dp2_z1"])
+
+
+@pytest.mark.parametrize("case", ["pp2tp2", "pp2dp2_z1"])
+def test_pp2_with_tp2_or_zero1_dp2_twenty_steps_track_single_process(four, single, case):
+    _check_tracking(case, four[case], single)
 
 
 def test_pp2_tp2_p2p_bytes_equal_the_formula(out, four):
     cfg = json.loads((out / "base.json").read_text())
-    for case in ("pp2tp2", "pp2tp2_sp"):
+    for case in ("pp2tp2", "pp2tp2_sp", "pp2dp2_z1"):
         for r in four[case]:
             assert set(r["p2p_bytes"].values()) == {expected_p2p_bytes(r, cfg)}, case
 
