@@ -7,6 +7,7 @@ GLOBAL batch (all data-parallel ranks' micro-batches in rank order). Actions:
           single-process reference computed here on the same global batch from the same seed
   comm    at step 2: every collective issued (llama_pt.parallel.trace_collectives), per group
   resume  restore from --resume-from first (the checkpoint of another launch or layout)
+  nan     at step 2: a NaN in one gradient of the first pipeline stage only (every stage must skip the update)
   corrupt restore from a copy of --resume-from with one byte flipped: every rank must refuse it
 Each rank writes <out>/<case>.rank<r>.json; tests/parallel/test_train_parallel.py makes the assertions.
 """
@@ -60,6 +61,7 @@ CASES = {
     "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads",)),
     "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe"}, ("grads",)),
     "pp2_interleaved": ({**PP2, **INTERLEAVED}, ("grads",)),
+    "pp2_nan_on_stage0": ({**PP2, "train.steps": 3}, ("nan",)),
     "pp2tp1_resume": ({**PP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "pp1tp2_resume": ({**TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     # 4 processes: PP=2 x TP=2 (it saves the checkpoints the resumes read), with SP; PP=2 x DP=2 ZeRO-1
@@ -174,6 +176,16 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
             metrics = original_step(micro_batches)
             trainer.engine.step = original_engine_step
             result.update(ref_loss=ref["loss"], ref_norm=ref["norm"], loss1=metrics["loss"], norm1=metrics["grad_norm"])
+        elif index == 2 and "nan" in actions:
+            def poisoned_step(lr):  # a NaN in one gradient of the first stage only
+                if p.pp_rank == 0:
+                    next(q for q in trainer.model.parameters() if q.grad is not None).grad.view(-1)[0] = float("nan")
+                return original_engine_step(lr)
+            trainer.engine.step = poisoned_step
+            before = {n: q.detach().clone() for n, q in trainer.model.named_parameters()}
+            metrics = original_step(micro_batches)
+            trainer.engine.step = original_engine_step
+            result["unchanged_after_skip"] = all(torch.equal(q, before[n]) for n, q in trainer.model.named_parameters())
         elif index == 2 and "comm" in actions:
             with trace_collectives() as calls:
                 metrics = original_step(micro_batches)
@@ -187,7 +199,8 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
             metrics = original_step(micro_batches)
         if trainer.timeline is not None:
             result.setdefault("p2p_bytes", {})[index] = trainer.link.bytes_sent
-        result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest}
+        result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest,
+                                  "skipped": metrics["skipped"]}
         return metrics
 
     trainer.train_step = recorded_step
