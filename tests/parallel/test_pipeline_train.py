@@ -186,3 +186,22 @@ def test_pp2_tp2_checkpoint_resumes_at_other_layouts(four, resharded, case):
             want = straight[step]["loss"]
             assert abs(got["loss"] - want) <= TRACK_TOL * want, (case, rank, step, got["loss"], want)
             assert got["batch"] == straight[step]["batch"], (case, step)  # data order unchanged
+
+
+def test_hf_export_from_a_pipeline_checkpoint(out, four, tmp_path):
+    # The stages wrote their layers under global names: the checkpoint loads whole into one plain Llama (a
+    # missing key would fail the load) and exports; transformers computes the same logits from the export.
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llama_pt.pretrained import export_checkpoint, load_checkpoint_model
+    checkpoint = out / "pp2tp2" / "checkpoints" / f"step_{RESUME_STEP:08d}"
+    ours, state = load_checkpoint_model(checkpoint)
+    assert state["layout"] == {"world_size": 4, "tensor_parallel": 2, "data_parallel": 1, "pipeline_parallel": 2,
+                               "zero_stage": 0}
+    folder = export_checkpoint(checkpoint, tmp_path / "hf", dtype="float32")
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ours(tokens)[..., :512], hf(tokens).logits
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
