@@ -112,6 +112,25 @@ def expected_p2p_bytes(r: dict, cfg: dict) -> int:
     return sends * m * activation
 
 
+@pytest.mark.parametrize("case", ["pp2_1f1b", "pp2_gpipe"])
+def test_activation_memory_per_stage_is_in_flight_micro_batches_times_layer_bytes(out, two, case):
+    # 1F1B keeps at most p - s micro-batches in flight on stage s (Narayanan et al. 2021, Sec. 2.2.1), GPipe all
+    # m; each keeps, per layer of the stage, the bytes of llama_pt.blocks.memory's formula (the selective layer).
+    from llama_pt.blocks.memory import layer_activation_bytes
+    from llama_pt.config import get_preset
+    cfg, model = json.loads((out / "base.json").read_text()), get_preset("tiny")
+    t = cfg["train"]
+    m = t["global_batch_tokens"] // t["seq_len"] // t["micro_batch_size"]
+    per_layer = layer_activation_bytes("selective", seq=t["seq_len"], batch=t["micro_batch_size"], dim=model.dim,
+                                       ffn_dim=model.ffn_hidden_dim, n_heads=model.n_heads,
+                                       n_kv_heads=model.kv_heads, precision="fp32")
+    for r in two[case]:
+        in_flight = m if case == "pp2_gpipe" else min(r["pp"] - r["pp_rank"], m)
+        want = in_flight * r["stage_layers"] * per_layer
+        got = r["peak_layer_activation_bytes"]
+        assert abs(got - want) <= 0.02 * want, (case, r["pp_rank"], got, want)
+
+
 def test_a_nan_on_one_stage_skips_the_step_on_all(two):
     # The global norm is summed over the stages: the NaN of stage 0's gradient reaches stage 1's step too.
     for r in two["pp2_nan_on_stage0"]:

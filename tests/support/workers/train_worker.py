@@ -7,6 +7,7 @@ GLOBAL batch (all data-parallel ranks' micro-batches in rank order). Actions:
           single-process reference computed here on the same global batch from the same seed
   comm    at step 2: every collective issued (llama_pt.parallel.trace_collectives), per group
   resume  restore from --resume-from first (the checkpoint of another launch or layout)
+  memory  at step 2: the peak of the bytes the stage's layers keep for backward (pipeline stages)
   nan     at step 2: a NaN in one gradient of the first pipeline stage only (every stage must skip the update)
   corrupt restore from a copy of --resume-from with one byte flipped: every rank must refuse it
 Each rank writes <out>/<case>.rank<r>.json; tests/parallel/test_train_parallel.py makes the assertions.
@@ -14,6 +15,7 @@ Each rank writes <out>/<case>.rank<r>.json; tests/parallel/test_train_parallel.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import hashlib
@@ -58,8 +60,8 @@ CASES = {
     "tp1dp2_z2_resume": ({Z: 2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "tp2dp1_z0_resume": ({**TP2, Z: 0, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     # pipelines (tests/parallel/test_pipeline_train.py). 2 processes: PP=2
-    "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads",)),
-    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe"}, ("grads",)),
+    "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads", "memory")),
+    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe"}, ("grads", "memory")),
     "pp2_interleaved": ({**PP2, **INTERLEAVED}, ("grads",)),
     "pp2_nan_on_stage0": ({**PP2, "train.steps": 3}, ("nan",)),
     "pp2tp1_resume": ({**PP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
@@ -112,6 +114,48 @@ def reference_step(trainer: Trainer, batch: torch.Tensor) -> dict:
         total += loss.item()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf"))
     return {"loss": total / len(micro), "norm": norm.item(), "grads": {n: q.grad for n, q in ref.named_parameters()}}
+
+
+class _Saved:
+    """A tensor autograd keeps for backward, counted in `live` (bytes per storage) until autograd frees it."""
+
+    def __init__(self, t: torch.Tensor, live: dict):
+        self.t, self.live, self.key = t, live, t.untyped_storage().data_ptr()
+        entry = live.setdefault(self.key, [0, t.untyped_storage().nbytes()])
+        entry[0] += 1
+
+    def __del__(self):
+        entry = self.live[self.key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.live[self.key]
+
+
+@contextlib.contextmanager
+def peak_layer_activations(stage: torch.nn.Module):
+    """The most bytes the stage's transformer layers keep for backward at once (distinct storages, weights
+    and buffers such as the RoPE tables left out) while the block runs: yields {"bytes": peak}, filled on exit."""
+    weights = {q.untyped_storage().data_ptr() for q in [*stage.parameters(), *stage.buffers()]}
+    live: dict[int, list[int]] = {}
+    peak = {"bytes": 0}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() in weights:
+            return t
+        saved = _Saved(t, live)
+        peak["bytes"] = max(peak["bytes"], sum(n for _, n in live.values()))
+        return saved
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.t if isinstance(s, _Saved) else s)
+    handles = []
+    for layer in stage.layers.values():
+        handles.append(layer.register_forward_pre_hook(lambda *_: hooks.__enter__()))
+        handles.append(layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None)))
+    try:
+        yield peak
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def corrupt_copy(checkpoint: Path, out: Path) -> Path:
@@ -176,6 +220,11 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
             metrics = original_step(micro_batches)
             trainer.engine.step = original_engine_step
             result.update(ref_loss=ref["loss"], ref_norm=ref["norm"], loss1=metrics["loss"], norm1=metrics["grad_norm"])
+        elif index == 2 and "memory" in actions:
+            with peak_layer_activations(trainer.model) as peak:
+                metrics = original_step(micro_batches)
+            result["peak_layer_activation_bytes"] = peak["bytes"]
+            result["stage_layers"] = len(trainer.model.layers)
         elif index == 2 and "nan" in actions:
             def poisoned_step(lr):  # a NaN in one gradient of the first stage only
                 if p.pp_rank == 0:
