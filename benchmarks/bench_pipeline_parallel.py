@@ -46,7 +46,7 @@ def worker(args) -> None:
     env = WorldEnv.from_environ()
     m, b = args.micro_batches, args.micro_batch
     cfg = compose_config([
-        "model=tiny", f"model.n_layers={args.layers}", "model.activation=selective", "data.manifest=unused",
+        "model=tiny", f"model.n_layers={args.layers}", f"model.dim={args.dim}", "model.activation=selective", "data.manifest=unused",
         f"train.seq_len={args.seq}", f"train.global_batch_tokens={args.seq * b * m}", f"train.micro_batch_size={b}",
         "train.eval_every=0", "train.device=cpu", "logging.wandb.enabled=false",
         f"parallel.pipeline_parallel={env.world_size}", f"parallel.pipeline_schedule={args.schedule}",
@@ -119,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
@@ -131,7 +132,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"tiny model with {args.layers} layers, seq {args.seq}, micro-batch {args.micro_batch}, "
+          f"tiny model with {args.layers} layers of dim {args.dim}, seq {args.seq}, micro-batch {args.micro_batch}, "
           f"{args.micro_batches} micro-batches", flush=True)
     results = run_all(args)
     if args.json:
