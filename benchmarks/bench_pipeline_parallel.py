@@ -46,7 +46,8 @@ def worker(args) -> None:
     env = WorldEnv.from_environ()
     m, b = args.micro_batches, args.micro_batch
     cfg = compose_config([
-        "model=tiny", f"model.n_layers={args.layers}", f"model.dim={args.dim}", "model.activation=selective", "data.manifest=unused",
+        "model=tiny", f"model.n_layers={args.layers}", f"model.dim={args.dim}", "model.activation=selective",
+        "data.manifest=unused",
         f"train.seq_len={args.seq}", f"train.global_batch_tokens={args.seq * b * m}", f"train.micro_batch_size={b}",
         "train.eval_every=0", "train.device=cpu", "logging.wandb.enabled=false",
         f"parallel.pipeline_parallel={env.world_size}", f"parallel.pipeline_schedule={args.schedule}",

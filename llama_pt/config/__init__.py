@@ -24,6 +24,7 @@ from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PIPE
                        template_file)
 
 __all__ = ["ACTIVATION_MODES", "ATTENTION_BACKENDS", "COMM_BACKENDS", "ConfigError", "DataConfig", "FaultConfig",
-           "ModelConfig", "OptimConfig", "PIPELINE_SCHEDULES", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig", "RunConfig",
-           "TASKS", "TaskConfig", "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token",
-           "describe_split", "get_preset", "known_templates", "reject_unknown_fields", "resolve", "stage_layers", "template_file", "validate_layout"]
+           "ModelConfig", "OptimConfig", "PIPELINE_SCHEDULES", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig",
+           "RunConfig", "TASKS", "TaskConfig", "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters",
+           "flops_per_token", "describe_split", "get_preset", "known_templates", "reject_unknown_fields", "resolve",
+           "stage_layers", "template_file", "validate_layout"]

@@ -18,8 +18,8 @@ Global norm: a parameter marked ``tensor_model_parallel`` holds different values
 counts on every rank; a replicated one (norm weights) counts on TP rank 0 only; the squares are summed
 over the TP group (DeepSpeed's rule, deepspeed/runtime/utils.py ``is_model_parallel_parameter``). After
 the DP reduction the gradients are equal on all DP ranks, so no DP sum is needed; pipeline stages hold
-disjoint parameters, so the squares are summed over the PP group too (a NaN on one stage reaches all). One process (TP size
-1) uses torch.nn.utils.clip_grad_norm_ itself.
+disjoint parameters, so the squares are summed over the PP group too (a NaN on one stage reaches all).
+One process (TP and PP size 1) uses torch.nn.utils.clip_grad_norm_ itself.
 
 Checkpoint access: `state_tensors()` returns {"model": {name: tensor}, "optim": {name: {"step",
 "exp_avg", "exp_avg_sq"}}} with the rank's TP shard of every parameter, unpartitioned over DP, keyed

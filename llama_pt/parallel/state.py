@@ -61,7 +61,8 @@ class ParallelState:
         self.world_size = world
         self.rank = dist.get_rank() if distributed else 0
         self.tp_size, self.dp_size, self.pp_size = t, world // (t * p), p
-        self.tp_rank, self.dp_rank, self.pp_rank = self.rank % t, (self.rank // t) % self.dp_size, self.rank // (world // p)
+        self.tp_rank, self.dp_rank = self.rank % t, (self.rank // t) % self.dp_size
+        self.pp_rank = self.rank // (world // p)
         # kv heads: each TP rank holds the kv heads of its query heads; with n_kv_heads < t a head
         # lives on `kv_replicas` consecutive ranks.
         self.kv_replicas = max(1, t // model.kv_heads)

@@ -179,7 +179,6 @@ class Trainer:
         step because one of them received a stop signal: self.stop_signals)."""
         stop_requested = self.stop_signals is not None and self.stop_signals.requested
         self.model.train()
-        n = len(micro_batches)
         normalizer = self._loss_normalizer(micro_batches)
         if self.link is not None:
             skipped, stop, mean_loss = self._pipeline_forward_backward(micro_batches, normalizer, stop_requested)

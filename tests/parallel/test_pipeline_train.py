@@ -3,8 +3,9 @@
 Launches of tests/support/workers/train_worker.py: 2 processes (PP=2 with GPipe, 1F1B and interleaved 1F1B at
 V=2; resumes of the PP=2 x TP=2 checkpoint at PP=2 x TP=1 and PP=1 x TP=2) and 4 processes (PP=2 x TP=2,
 with and without sequence parallelism, which saves the checkpoints; its bitwise resume; PP=2 x DP=2 with
-DeepSpeed ZeRO-1, whose gradient norm DeepSpeed sums over the "model parallel" group TP x PP). One process (here) gives the reference losses and the PP=1 x TP=1 resume. Every case runs the
-selective (hand-written) layer, the config's default. Tolerances (fp32 on CPU):
+DeepSpeed ZeRO-1, whose gradient norm DeepSpeed sums over the "model parallel" group TP x PP). One process
+(here) gives the reference losses and the PP=1 x TP=1 resume. Every case runs the selective (hand-written)
+layer, the config's default. Tolerances (fp32 on CPU):
 - one step, same model and global batch: loss, global gradient norm and every gradient of the stage to 1e-6
   relative (the issue's bound);
 - 20 steps: every loss to relative 1e-5 of the single-process run (reduction orders differ);
