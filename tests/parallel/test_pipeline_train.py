@@ -27,7 +27,7 @@ from support.workers.train_worker import with_overrides
 STEP_TOL, TRACK_TOL = 1e-6, 1e-5
 RESUME_STEP = 4
 TWO = ["pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "pp2_nan_on_stage0"]
-FOUR = ["pp2tp2", "pp2tp2_sp", "pp2tp2_resume", "pp2dp2_z1"]
+FOUR = ["pp2tp2", "pp2tp2_sp", "pp2tp2_resume", "pp2dp2_z1", "pp2dp2_z1_resume"]
 RESHARD = ["pp2tp1_resume", "pp1tp2_resume"]
 
 pytestmark = pytest.mark.slow
@@ -187,9 +187,10 @@ def resharded(out, four) -> dict:
     return runs
 
 
-def test_resume_is_bitwise_at_the_same_layout(four):
-    straight = four["pp2tp2"][0]["steps"]
-    for rank, r in enumerate(four["pp2tp2_resume"]):
+@pytest.mark.parametrize("case", ["pp2tp2", "pp2dp2_z1"])
+def test_resume_is_bitwise_at_the_same_layout(four, case):
+    straight = four[case][0]["steps"]
+    for rank, r in enumerate(four[f"{case}_resume"]):
         assert r["resumed_at"] == RESUME_STEP
         assert sorted(r["steps"], key=int) == ["5", "6", "7", "8"]
         for step, got in r["steps"].items():

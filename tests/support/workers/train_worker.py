@@ -70,7 +70,9 @@ CASES = {
     "pp2tp2": ({**PP2, **TP2, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
     "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True}, ("grads",)),
     "pp2tp2_resume": ({**PP2, **TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
-    "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20}, ("grads",)),
+    "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
+    "pp2dp2_z1_resume": ({**PP2, Z: 1, "train.steps": 20, "train.exit_interval": 8,
+                          "train.resume": "{out}/pp2dp2_z1/checkpoints/step_00000004"}, ()),
 }
 
 
@@ -176,6 +178,7 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
     cfg = with_overrides(base, {**overrides, "train.out_dir": str(out / name)})
     if "resume" in actions:
         cfg["train"]["resume"] = resume_from
+    cfg["train"]["resume"] = cfg["train"]["resume"].format(out=out)  # a checkpoint of an earlier case
     if "corrupt" in actions:
         cfg["train"]["resume"] = str(corrupt_copy(Path(resume_from), out))
     env = WorldEnv.from_environ()
