@@ -154,6 +154,8 @@ def test_two_agents_run_a_two_stage_pipeline_across_nodes(tmp_path, token_corpus
     printed = "".join(out for out, _ in outputs)
     assert "2 process(es): TP=1 x DP=1 (all-reduce) x PP=2 (1f1b)" in printed
     assert "pipeline split (1f1b): stage 0: emb + layer 0 | stage 1: layer 1 + head" in printed
+    assert ("process groups: rank = pp*1 + dp*1 + tp (TP innermost, then DP, then PP): TP groups {0} {1}; "
+            "DP groups {0} {1}; PP groups {0,1}") in printed
     got, want = losses(two), losses(single)
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2]
     for (_, a), (_, b) in zip(got, want):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ..config import COMM_BACKENDS, ConfigError, ModelConfig, ParallelConfig
 from ..config.sections import check_choice
+from .inflight import compact_ranks
 
 
 def resolve_comm_backend(name: str, device: torch.device) -> str:
@@ -118,8 +119,11 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
     def describe(self) -> str:
-        """One line: the process-group layout and this world's groups (printed at start-up by rank 0)."""
-        groups = lambda ranks_of: " ".join("{" + ",".join(map(str, r)) + "}" for r in ranks_of)  # noqa: E731
+        """One line: the process-group layout and this world's groups (printed at start-up by rank 0; the
+        first 4 groups of each kind and their count in a larger world)."""
+        def groups(ranks_of: list[list[int]]) -> str:
+            shown = " ".join("{" + compact_ranks(r) + "}" for r in ranks_of[:4])
+            return shown + (f" ... ({len(ranks_of)} groups)" if len(ranks_of) > 4 else "")
         t, d, stage_size = self.tp_size, self.dp_size, self.tp_size * self.dp_size
         tp = [list(range(s, s + t)) for s in range(0, self.world_size, t)]
         dp = [list(range(s * stage_size + i, (s + 1) * stage_size, t)) for s in range(self.pp_size) for i in range(t)]
