@@ -81,9 +81,9 @@ def test_micro_batches_must_fill_the_pipeline():
     with pytest.raises(ConfigError, match=r"interleaved_1f1b needs micro-batches per data-parallel rank \(3\)"):
         validate_pipeline_run(ParallelConfig(pipeline_parallel=2, virtual_stages=2,
                                              pipeline_schedule="interleaved_1f1b"), train, 3)
-    with pytest.raises(ConfigError, match="train.eval_every=5 is not supported with parallel.pipeline_parallel=2"):
+    with pytest.raises(ConfigError, match="train.sample_tokens=5 is not supported with parallel.pipeline_parallel=2"):
         validate_pipeline_run(ParallelConfig(pipeline_parallel=2), TrainConfig(
-            seq_len=32, global_batch_tokens=512, micro_batch_size=4, steps=1, eval_every=5), 4)
+            seq_len=32, global_batch_tokens=512, micro_batch_size=4, steps=1, sample_tokens=5), 4)
 
 
 def test_every_parallel_file_takes_pipeline_overrides():

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 
 def base_config(token_corpus) -> dict:
     return compose_config([
-        "model=tiny", f"data.manifest={token_corpus['manifest']}", "data.valid_manifest=null", "train.seq_len=32",
+        "model=tiny", f"data.manifest={token_corpus['manifest']}", f"data.valid_manifest={token_corpus['valid_manifest']}",
+        "train.eval_batches=3", "train.seq_len=32",
         "train.global_batch_tokens=512", "train.micro_batch_size=4", "train.log_every=0", "train.eval_every=0",
         "train.ckpt_every=0", "train.steps=2", "optim.warmup_steps=2", "optim.lr=3e-3",
         "logging.wandb.enabled=false"])
@@ -85,6 +86,24 @@ def single(out) -> dict:
     return single_run(cfg)
 
 
+@pytest.fixture(scope="module")
+def single_eval(out) -> dict:
+    """Held-out loss after 2 steps in one process, for 2 and 4 layers."""
+    base = json.loads((out / "base.json").read_text())
+    losses = {}
+    for layers in (2, 4):
+        folder = out / f"single_eval_{layers}"
+        single_run(with_overrides(base, {"train.eval_every": 2, "model.n_layers": layers,
+                                         "train.out_dir": str(folder)}))
+        losses[layers] = valid_losses(folder)
+    return losses
+
+
+def valid_losses(folder: Path) -> dict:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["valid_loss"] for r in records if "valid_loss" in r}
+
+
 def _check_tracking(case: str, ranks: list[dict], single: dict) -> None:
     ref = single["steps"]
     for rank, r in enumerate(ranks):
@@ -93,6 +112,14 @@ def _check_tracking(case: str, ranks: list[dict], single: dict) -> None:
             want = ref[step]["loss"]
             assert abs(got["loss"] - want) <= TRACK_TOL * want, (case, rank, step, got["loss"], want)
             assert got["batch"] == ref[step]["batch"], (case, step)  # the same global batches
+
+
+@pytest.mark.parametrize("case,layers", [("pp2_gpipe", 2), ("pp2_interleaved", 4)])
+def test_held_out_loss_through_the_stages_matches_single_process(out, two, single_eval, case, layers):
+    # Evaluation runs the stages forward (PipelineLogits) and gives every stage the last one's logits.
+    got, want = valid_losses(out / case), single_eval[layers]
+    assert list(got) == list(want) == [2], (got, want)
+    assert abs(got[2] - want[2]) <= TRACK_TOL * want[2], (case, got, want)
 
 
 def test_pp2_twenty_steps_track_single_process(two, single):
@@ -167,6 +194,11 @@ def test_pp2_dp2_zero1_one_step_matches_single_process(four):
 @pytest.mark.parametrize("case", ["pp2tp2", "pp2dp2_z1"])
 def test_pp2_with_tp2_or_zero1_dp2_twenty_steps_track_single_process(four, single, case):
     _check_tracking(case, four[case], single)
+
+
+def test_held_out_loss_through_pp2_tp2_sp_matches_single_process(out, four, single_eval):
+    got, want = valid_losses(out / "pp2tp2_sp"), single_eval[2]
+    assert list(got) == [2] and abs(got[2] - want[2]) <= TRACK_TOL * want[2], (got, want)
 
 
 def test_pp2_tp2_p2p_bytes_equal_the_formula(out, four):

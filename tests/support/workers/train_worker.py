@@ -61,14 +61,14 @@ CASES = {
     "tp2dp1_z0_resume": ({**TP2, Z: 0, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     # pipelines (tests/parallel/test_pipeline_train.py). 2 processes: PP=2
     "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads", "memory")),
-    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe"}, ("grads", "memory")),
-    "pp2_interleaved": ({**PP2, **INTERLEAVED}, ("grads",)),
+    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe", "train.eval_every": 2}, ("grads", "memory")),
+    "pp2_interleaved": ({**PP2, **INTERLEAVED, "train.eval_every": 2}, ("grads",)),
     "pp2_nan_on_stage0": ({**PP2, "train.steps": 3}, ("nan",)),
     "pp2tp1_resume": ({**PP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "pp1tp2_resume": ({**TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     # 4 processes: PP=2 x TP=2 (it saves the checkpoints the resumes read), with SP; PP=2 x DP=2 ZeRO-1
     "pp2tp2": ({**PP2, **TP2, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
-    "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True}, ("grads",)),
+    "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True, "train.eval_every": 2}, ("grads",)),
     "pp2tp2_resume": ({**PP2, **TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
     "pp2dp2_z1_resume": ({**PP2, Z: 1, "train.steps": 20, "train.exit_interval": 8,
