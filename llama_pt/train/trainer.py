@@ -19,6 +19,11 @@ D ranks of a step, so each micro-batch's loss is its sum divided by N / (G D), N
 forward (one all-reduce over DP). With train.document_mask the model gets each token's document and position
 (llama_pt.data.batch: the examples of instruction windows, EOS-separated documents of pretraining windows).
 
+Pipeline parallelism (parallel.pipeline_parallel > 1): the model is this rank's stage, and `train_step` runs
+the schedule (llama_pt.parallel.pipeline: GPipe, 1F1B, interleaved 1F1B) instead of the loop over
+micro-batches; the loss exists on the last stage, its mean is agreed over PP and DP after the schedule, and a
+skipped step discards every stage's gradients (docs/parallelism.md, "Pipeline parallelism").
+
 Faults (docs/fault_tolerance.md): a stop signal (.preemption) ends the loop after the current step
 with a checkpoint; a step whose loss or gradient norm is bad is skipped and too many in a row roll the
 run back to the last checkpoint; a watchdog thread writes this rank's heartbeat and ends the process if
@@ -37,6 +42,7 @@ import torch.distributed as dist
 
 from ..adapters.apply import apply_peft
 from ..config import RunConfig, count_parameters, flops_per_token
+from ..config.pipeline import describe_split
 from ..data.batch import read_micro_batch, scored_targets
 from ..generate import sample_text
 from ..model import Llama
@@ -44,7 +50,6 @@ from ..ops.documents import document_positions
 from ..parallel import CheckpointLayout, PlainDataParallel, full_state_dict, make_loss_fn
 from ..parallel.pipeline import StageLink, StageTimeline, run_schedule, schedule_actions
 from ..parallel.pipeline.stages import stage_split
-from ..config.pipeline import describe_split
 from ..tokenizer import Tokenizer
 from .checkpointing import CheckpointManager, checkpoint_to_resume, peft_record
 from .data_setup import TrainData, build_train_data
