@@ -10,12 +10,13 @@
 # (fields, parallel layout, batch split, data): a bad config fails here in one line, exit status 2.
 # Several nodes rendezvous with torch's c10d backend at --rdzv-endpoint; the node with --node-rank 0
 # hosts the rendezvous store there (global ranks are assigned by the rendezvous, TP groups are
-# consecutive ranks, so each node's processes form whole TP groups when nproc is a multiple of t).
+# consecutive ranks, so each node's processes form whole TP groups when nproc is a multiple of t;
+# pipeline stages are the outermost ranks, e.g. parallel=pp2 on 2 nodes puts one stage on each).
 # Checkpoints must go to a folder every node sees. PYTHON selects the interpreter (default: the
 # repository's .venv if present, else python3).
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then

@@ -6,7 +6,8 @@ the composed Hydra config into a validated RunConfig.
 - hf_model.py  Hugging Face's config.json <-> ModelConfig
 - sections.py  the train / optim / parallel / data / fault / peft / task sections, the names each choice may take,
                the prompt templates by name
-- layout.py    whether a parallel layout can shard a model over N processes
+- layout.py    whether a parallel layout can shard a model over N processes (and what a pipeline needs of the batch)
+- pipeline.py  the layers of every pipeline stage / model chunk, balanced with the embedding and head weights
 - run.py       RunConfig and resolve()
 - compose.py   the config train.py would see, for tools and tests
 - mixtures.py  published data mixtures (LLaMA Table 1)
@@ -16,11 +17,14 @@ from .fields import ConfigError, reject_unknown_fields
 from .layout import validate_layout
 from .model import PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
 from .run import RunConfig, resolve
-from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PRECISIONS, TASKS, ZERO_STAGES, DataConfig,
+from .pipeline import describe_split, stage_layers
+from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, COMM_BACKENDS, PIPELINE_SCHEDULES, PRECISIONS, TASKS,
+                       ZERO_STAGES, DataConfig,
                        FaultConfig, OptimConfig, ParallelConfig, PeftConfig, TaskConfig, TrainConfig, known_templates,
                        template_file)
 
 __all__ = ["ACTIVATION_MODES", "ATTENTION_BACKENDS", "COMM_BACKENDS", "ConfigError", "DataConfig", "FaultConfig",
-           "ModelConfig", "OptimConfig", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig", "RunConfig",
-           "TASKS", "TaskConfig", "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters", "flops_per_token",
-           "get_preset", "known_templates", "reject_unknown_fields", "resolve", "template_file", "validate_layout"]
+           "ModelConfig", "OptimConfig", "PIPELINE_SCHEDULES", "PRECISIONS", "PRESETS", "ParallelConfig", "PeftConfig",
+           "RunConfig", "TASKS", "TaskConfig", "TrainConfig", "ZERO_STAGES", "compose_config", "count_parameters",
+           "flops_per_token", "describe_split", "get_preset", "known_templates", "reject_unknown_fields", "resolve",
+           "stage_layers", "template_file", "validate_layout"]

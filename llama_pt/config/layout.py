@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .fields import ConfigError
 from .model import ModelConfig
-from .sections import ParallelConfig
+from .sections import ParallelConfig, TrainConfig
 
 
 def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, seq_len: int,
@@ -13,11 +13,17 @@ def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, se
 
     Pure arithmetic: call it before creating process groups or building the model.
     """
-    t = cfg.tensor_parallel
+    t, p = cfg.tensor_parallel, cfg.pipeline_parallel
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be positive")
     if world_size % t:
         raise ConfigError(f"parallel.tensor_parallel={t} does not divide the world size {world_size}")
+    if world_size % (t * p):
+        raise ConfigError(f"parallel.pipeline_parallel={p} x parallel.tensor_parallel={t} does not divide the "
+                          f"world size {world_size}")
+    if model.n_layers < cfg.model_chunks:
+        raise ConfigError(f"model.n_layers={model.n_layers} is fewer than the {cfg.model_chunks} pipeline chunks "
+                          f"(parallel.pipeline_parallel={p} x parallel.virtual_stages={cfg.virtual_stages})")
     if model.dim % t:
         raise ConfigError(f"model.dim={model.dim} is not divisible by parallel.tensor_parallel={t}")
     if model.n_heads % t:
@@ -38,3 +44,28 @@ def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, se
     if cfg.sequence_parallel and seq_len % t:
         raise ConfigError(f"{seq_len_field}={seq_len} is not divisible by parallel.tensor_parallel={t} "
                           f"(needed by parallel.sequence_parallel)")
+
+
+def validate_pipeline_run(cfg: ParallelConfig, train: TrainConfig, micro_batches: int) -> None:
+    """What a pipeline (parallel.pipeline_parallel > 1) needs from the batch and the run: at least as many
+    micro-batches per data-parallel rank as stages under 1F1B (else its warm-up never reaches the steady
+    state; Narayanan et al. 2021, Sec. 2.2.1), a multiple of the stages under the interleaved schedule (its
+    forward order takes the micro-batches in groups of p, Sec. 2.2.2); and no sampling during training (it runs
+    the whole model in one process; evaluation and downstream accuracy run through the stages)."""
+    p, schedule = cfg.pipeline_parallel, cfg.pipeline_schedule
+    if p == 1:
+        return
+    if schedule != "gpipe" and micro_batches < p:
+        raise ConfigError(f"parallel.pipeline_schedule={schedule} needs at least parallel.pipeline_parallel={p} "
+                          f"micro-batches per data-parallel rank, got {micro_batches} (raise "
+                          f"train.global_batch_tokens or lower train.micro_batch_size)")
+    if schedule == "interleaved_1f1b" and micro_batches % p:
+        raise ConfigError(f"parallel.pipeline_schedule=interleaved_1f1b needs micro-batches per data-parallel "
+                          f"rank ({micro_batches}) to be a multiple of parallel.pipeline_parallel={p}")
+    if cfg.zero_stage > 1 or (cfg.zero_stage and cfg.virtual_stages > 1):
+        raise ConfigError(f"parallel.zero_stage={cfg.zero_stage} with parallel.pipeline_parallel={p} and "
+                          f"parallel.virtual_stages={cfg.virtual_stages} is not supported (ZeRO-1 with one chunk "
+                          f"per stage is; DeepSpeed counts one backward per micro-batch)")
+    if train.sample_tokens:
+        raise ConfigError(f"train.sample_tokens={train.sample_tokens} is not supported with "
+                          f"parallel.pipeline_parallel={p} yet (set it to 0; sample from the exported model)")

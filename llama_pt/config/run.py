@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 from .fields import ConfigError
 from .hf_model import model_config_from_hf
-from .layout import validate_layout
+from .layout import validate_layout, validate_pipeline_run
 from .model import ModelConfig, get_preset
 from .sections import (ACTIVATION_MODES, ATTENTION_BACKENDS, DataConfig, FaultConfig, OptimConfig, ParallelConfig,
                        PeftConfig, TaskConfig, TrainConfig, check_choice, typed_section, validate_fault,
@@ -36,11 +36,11 @@ class RunConfig:
     fault: FaultConfig = FaultConfig()
     peft: PeftConfig = PeftConfig()   # adapters on a frozen base (none: full training)
     task: TaskConfig = TaskConfig()   # pretraining, or supervised finetuning on instruction data
-    world_size: int = 1      # processes the config was validated for (tensor x data parallel)
+    world_size: int = 1      # processes the config was validated for (pipeline x data x tensor parallel)
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.parallel.tensor_parallel
+        return self.world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
 
     def grad_accumulation_steps(self, dp_size: Optional[int] = None) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
@@ -105,7 +105,8 @@ def _check_peft_run(peft: PeftConfig, train: TrainConfig, activation: str) -> No
 def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     """Validate the composed config (a plain dict, e.g. OmegaConf.to_container(cfg, resolve=True)) for
     `world_size` processes: fields first, then the parallel layout (before any process group exists),
-    then the split of the global batch over the world_size / tensor_parallel data-parallel ranks."""
+    then the split of the global batch over the world_size / (tensor_parallel x pipeline_parallel)
+    data-parallel ranks and what a pipeline needs of it."""
     for section in ("model", "train", "optim", "data"):
         if section not in cfg:
             raise ConfigError(f"config section {section!r} is missing")
@@ -114,7 +115,9 @@ def resolve(cfg: Mapping[str, Any], world_size: int = 1) -> RunConfig:
     optim = typed_section(OptimConfig, cfg["optim"], "optim")
     parallel = ParallelConfig.from_dict(dict(cfg.get("parallel") or {}))
     validate_layout(world_size, parallel, model, train.seq_len, "train.seq_len")
-    validate_train(train, model, world_size // parallel.tensor_parallel)
+    dp_size = world_size // (parallel.tensor_parallel * parallel.pipeline_parallel)
+    validate_train(train, model, dp_size)
+    validate_pipeline_run(parallel, train, train.global_batch_sequences // (train.micro_batch_size * dp_size))
     validate_optim(optim)
     fault = typed_section(FaultConfig, cfg.get("fault") or {}, "fault")
     validate_fault(fault)

@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16")               # train.precision (llama_pt.
 DEVICES = ("auto", "cpu", "cuda")                   # train.device
 COMM_BACKENDS = ("auto", "nccl", "gloo")            # parallel.backend
 ZERO_STAGES = (0, 1, 2)                             # parallel.zero_stage
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pipeline_schedule (llama_pt.parallel.pipeline)
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TASKS = ("pretrain", "sft")                         # task.name (llama_pt.train.data_setup)
 TEMPLATES_DIR = REPO_CONFIGS / "templates"          # the prompt templates by name (llama_pt.instruct.templates)
@@ -113,6 +114,11 @@ class ParallelConfig:
     zero_stage: int = 0            # 0: plain all-reduce data parallelism; 1, 2: DeepSpeed ZeRO stage
     backend: str = "auto"          # nccl on cuda, gloo on cpu
     bucket_size: int = 500_000_000  # DeepSpeed ZeRO reduce / all-gather bucket, in elements
+    pipeline_parallel: int = 1     # p: pipeline stages (outermost ranks: rank = pp*(DP*TP) + dp*TP + tp)
+    virtual_stages: int = 1        # v: model chunks per stage (interleaved_1f1b only)
+    pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (Narayanan et al. 2021, Sec. 2.2)
+    pipeline_embedding_layers: float = 1.0  # layers the embedding counts as when balancing (llama_pt.config.pipeline)
+    pipeline_head_layers: float = 1.0       # layers the final norm + head count as when balancing
 
     def validate(self, prefix: str = "parallel") -> "ParallelConfig":
         if type(self.tensor_parallel) is not int or self.tensor_parallel < 1:
@@ -125,7 +131,28 @@ class ParallelConfig:
         if type(self.bucket_size) is not int or self.bucket_size < 2 or self.bucket_size % 2:
             raise ConfigError(f"{prefix}.bucket_size={self.bucket_size!r} must be a positive even integer (elements)")
         check_choice(self.backend, COMM_BACKENDS, f"{prefix}.backend")
+        for name in ("pipeline_parallel", "virtual_stages"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{prefix}.{name}={value!r} must be a positive integer")
+        check_choice(self.pipeline_schedule, PIPELINE_SCHEDULES, f"{prefix}.pipeline_schedule")
+        interleaved = self.pipeline_schedule == "interleaved_1f1b"
+        if interleaved and self.virtual_stages < 2:
+            raise ConfigError(f"{prefix}.pipeline_schedule=interleaved_1f1b needs {prefix}.virtual_stages >= 2 "
+                              f"(got {self.virtual_stages})")
+        if self.virtual_stages > 1 and not interleaved:
+            raise ConfigError(f"{prefix}.virtual_stages={self.virtual_stages} needs "
+                              f"{prefix}.pipeline_schedule=interleaved_1f1b (got {self.pipeline_schedule})")
+        for name in ("pipeline_embedding_layers", "pipeline_head_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{prefix}.{name}={value!r} must be a non-negative number of layers")
         return self
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks the layers are cut into: pipeline stages x virtual stages."""
+        return self.pipeline_parallel * self.virtual_stages
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,9 +5,11 @@ A DCP checkpoint records for each key the GLOBAL shape and which chunk of it eve
 loading into another layout reads the chunks that overlap what the loading rank holds. So the tree
 handed to DCP is keyed by the full parameter name (``layers.0.attention.wq.weight``; optimizer
 moments under the same name), and a tensor that is this rank's TP shard of a parameter is wrapped
-as a DTensor that says which chunk it is. The mesh is the world in Megatron's order,
-``rank = dp_rank * t + tp_rank`` with ``tp_rank = outer * r + inner`` (r = kv replicas, 1 unless
-n_kv_heads < t), of shape (dp, t / r, r):
+as a DTensor that says which chunk it is. The mesh is this rank's pipeline stage in Megatron's order,
+``rank = pp_rank * d * t + dp_rank * t + tp_rank`` with ``tp_rank = outer * r + inner`` (r = kv replicas, 1
+unless n_kv_heads < t), of shape (dp, t / r, r), sliced from the world's (pp, dp, t / r, r). A pipeline
+stage holds the parameters of its layers under their full names (``layers.5.…``: llama_pt.parallel.pipeline),
+so a checkpoint is keyed by global layer index whatever the split, and loads at any other number of stages:
 
     shard of t chunks along dim d   (ShardSpec(d, t, i))        (Replicate(), Shard(d), Shard(d))  -> chunk tp_rank
     replicated kv shard, t/r chunks (ShardSpec(0, t/r, i))      (Replicate(), Shard(0), Replicate()) -> chunk tp_rank // r
@@ -54,8 +56,9 @@ class CheckpointLayout:
         if dist.is_available() and dist.is_initialized() and pstate.tp_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
             t, r = pstate.tp_size, pstate.kv_replicas
-            self.mesh = init_device_mesh(device.type, (pstate.dp_size, t // r, r),
-                                         mesh_dim_names=("dp", "tp_outer", "tp_inner"))
+            mesh = init_device_mesh(device.type, (pstate.pp_size, pstate.dp_size, t // r, r),
+                                    mesh_dim_names=("pp", "dp", "tp_outer", "tp_inner"))
+            self.mesh = mesh["dp", "tp_outer", "tp_inner"]  # this rank's stage: its parameters live there only
 
     def _placements(self, spec) -> tuple:
         from torch.distributed.tensor import Replicate, Shard

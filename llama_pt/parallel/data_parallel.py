@@ -17,8 +17,9 @@ gradients over the data-parallel (DP) group, clipping by the global norm over TP
 Global norm: a parameter marked ``tensor_model_parallel`` holds different values on each TP rank and
 counts on every rank; a replicated one (norm weights) counts on TP rank 0 only; the squares are summed
 over the TP group (DeepSpeed's rule, deepspeed/runtime/utils.py ``is_model_parallel_parameter``). After
-the DP reduction the gradients are equal on all DP ranks, so no DP sum is needed. One process (TP size
-1) uses torch.nn.utils.clip_grad_norm_ itself.
+the DP reduction the gradients are equal on all DP ranks, so no DP sum is needed; pipeline stages hold
+disjoint parameters, so the squares are summed over the PP group too (a NaN on one stage reaches all).
+One process (TP and PP size 1) uses torch.nn.utils.clip_grad_norm_ itself.
 
 Checkpoint access: `state_tensors()` returns {"model": {name: tensor}, "optim": {name: {"step",
 "exp_avg", "exp_avg_sq"}}} with the rank's TP shard of every parameter, unpartitioned over DP, keyed
@@ -68,12 +69,14 @@ def global_grad_norm(params: list[torch.nn.Parameter], pstate: ParallelState) ->
         if grads else torch.zeros((), device=device)
     if pstate.tp_size > 1:
         dist.all_reduce(sq, group=pstate.tp_group)
+    if pstate.pp_size > 1:  # every stage holds other parameters: their squares add up
+        dist.all_reduce(sq, group=pstate.pp_group)
     return sq.sqrt()
 
 
 def clip_by_global_norm(params: list[torch.nn.Parameter], max_norm: float, pstate: ParallelState) -> torch.Tensor:
     """Scale gradients by min(1, max_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_'s rule); return the norm."""
-    if pstate.tp_size == 1:
+    if pstate.tp_size == 1 and pstate.pp_size == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     norm = global_grad_norm(params, pstate)
     if max_norm:
@@ -118,6 +121,15 @@ class PlainDataParallel:
         finally:
             self._last_micro_batch = False
 
+    def backward_from(self, output: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
+        """Backward of a pipeline stage's output from its gradient, sent by the next stage (already scaled by
+        1 / (micro-batches per step) there: llama_pt.parallel.pipeline.schedules)."""
+        self._last_micro_batch, self._reduced = last, False
+        try:
+            torch.autograd.backward(output, grad)
+        finally:
+            self._last_micro_batch = False
+
     def reduce_gradients(self) -> None:
         """Average the accumulated gradients over the DP group (waits for the overlapped all-reduces)."""
         if self._reduced:
@@ -132,6 +144,14 @@ class PlainDataParallel:
                 grad.div_(dp)
             self._pending = []
         self._reduced = True
+
+    def discard_gradients(self) -> None:
+        """Make this step's update skip: the reduced gradients turn non-finite, so the global norm does
+        (summed over TP and the pipeline's stages, every rank skips). Call after the last backward."""
+        self.reduce_gradients()
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
 
     def local_gradients(self) -> dict[str, torch.Tensor]:
         """{name: DP-reduced gradient of this rank's TP shard} (call between the last backward and step)."""

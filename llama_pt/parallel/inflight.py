@@ -23,7 +23,9 @@ from .comm_trace import interposed
 
 WATCHED = ("all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
            "reduce_scatter_single", "all_gather", "reduce_scatter", "all_to_all_single", "barrier", "gather",
-           "scatter", "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
+           "scatter", "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+           "send", "recv", "isend", "irecv")  # point-to-point: the pipeline's transfers between stages
+P2P = {"send": "to", "isend": "to", "recv": "from", "irecv": "from"}
 
 _local = threading.local()
 
@@ -36,6 +38,7 @@ class InFlight:
     group: Optional[dist.ProcessGroup]
     tensor: Optional[tuple[torch.Size, torch.dtype]]
     started: float  # time.monotonic()
+    peer: Optional[int] = None  # point-to-point: the other rank
 
     def ranks(self) -> list[int]:
         if self.group is not None:
@@ -47,6 +50,8 @@ class InFlight:
         if self.tensor is not None:
             shape, dtype = self.tensor
             tensor = f" ({list(shape)} {str(dtype).removeprefix('torch.')})"
+        if self.op in P2P:
+            return f"{self.op} {P2P[self.op]} rank {self.peer}{tensor}"
         return f"{self.op} over ranks {compact_ranks(self.ranks())}{tensor}"
 
 
@@ -67,6 +72,12 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[tuple[torch.Size, torch
     return None
 
 
+def _peer(name: str, args: tuple, kwargs: dict) -> Optional[int]:
+    if name not in P2P:
+        return None
+    return kwargs.get("dst", kwargs.get("src", args[1] if len(args) > 1 else None))
+
+
 def _group(args: tuple, kwargs: dict) -> Optional[dist.ProcessGroup]:
     if isinstance(kwargs.get("group"), dist.ProcessGroup):
         return kwargs["group"]
@@ -83,7 +94,8 @@ class CollectiveTracker:
         def wrapper(*args: Any, **kwargs: Any):
             if getattr(_local, "inside", False):  # a wrapped function calling another (torch's aliases)
                 return fn(*args, **kwargs)
-            call = InFlight(name, _group(args, kwargs), _first_tensor(args, kwargs), time.monotonic())
+            call = InFlight(name, _group(args, kwargs), _first_tensor(args, kwargs), time.monotonic(),
+                            _peer(name, args, kwargs))
             _local.inside = True
             self._blocking = call
             try:

@@ -108,6 +108,21 @@ class ZeroDataParallel:
         if not last:
             self.engine.step()  # off the accumulation boundary DeepSpeed only counts the micro-step
 
+    def backward_from(self, output: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
+        """Backward of a pipeline stage's output from the gradient the next stage sent (scaled there already):
+        DeepSpeed's backward of the scalar sum(output * grad), whose gradient with respect to the output is
+        `grad` exactly, unscaled (scale_wrt_gas=False)."""
+        self.engine.backward((output * grad).sum(), scale_wrt_gas=False)
+        if not last:
+            self.engine.step()
+
+    def discard_gradients(self) -> None:
+        """Make this step's update skip on every rank: the reduced gradient partitions turn non-finite, so the
+        global norm does and DeepSpeed skips the update (call after the last backward)."""
+        for grads in self.optimizer.averaged_gradients.values():
+            for g in grads if isinstance(grads, list) else [grads]:
+                g.fill_(float("nan"))
+
     def reduce_gradients(self) -> None:
         """DeepSpeed has reduced them by the end of the last backward."""
 

@@ -5,8 +5,9 @@
 launch/torchrun.sh runs this before spawning workers, so a bad config stops in one line (exit 2)
 before any process or process group exists. It makes the trainer's own start-up checks: every config
 field, the parallel layout for N processes (llama_pt.parallel.validate_layout), the split of the global
-batch over the N / tensor_parallel data-parallel ranks, and the data (manifest, shards, vocabulary).
-On success it prints one line describing the layout.
+batch over the N / (tensor_parallel x pipeline_parallel) data-parallel ranks (and, with a pipeline, its
+micro-batch and layer counts), and the data (manifest, shards, vocabulary). On success it prints one line
+describing the layout, with the pipeline's stage split.
 """
 from __future__ import annotations
 
@@ -22,9 +23,15 @@ def check(config_dict: dict[str, Any], world_size: int) -> str:
     check_base_weights(run)
     build_train_data(run, dp_rank=0, dp_size=run.dp_size, build_index=False)
     p = run.parallel
+    pipeline = ""
+    if p.pipeline_parallel > 1:
+        from ..config.pipeline import describe_split, stage_layers
+        split = stage_layers(run.model.n_layers, p.model_chunks, p.pipeline_embedding_layers, p.pipeline_head_layers)
+        pipeline = f"; PP {p.pipeline_parallel} ({p.pipeline_schedule}): {describe_split(split, p.pipeline_parallel)}"
     return (f"ok: {world_size} process(es) = TP {p.tensor_parallel}{' +SP' if p.sequence_parallel else ''} x "
-            f"DP {run.dp_size} (zero_stage {p.zero_stage}), {run.grad_accumulation_steps()} micro-batches of "
-            f"{run.train.micro_batch_size} per rank per step")
+            f"DP {run.dp_size} (zero_stage {p.zero_stage}) x PP {p.pipeline_parallel}, "
+            f"{run.grad_accumulation_steps()} micro-batches of {run.train.micro_batch_size} per rank per step"
+            f"{pipeline}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -28,6 +28,7 @@ from ..data import (BlendedSamples, MicroBatchLoader, SequentialWindows, build_t
                     load_manifest, valid_prefixes)
 from ..evaluation import evaluate_perplexity
 from ..parallel import FullLogits, ParallelState
+from ..parallel.pipeline import PipelineLogits
 
 
 @dataclass
@@ -38,11 +39,14 @@ class HeldOut:
 
     def evaluate(self, model: torch.nn.Module, autocast: Callable, max_batches: int,
                  pstate: Optional[ParallelState] = None) -> dict[str, float]:
-        """Held-out loss; every rank of a tensor-parallel group must call it (the logits are gathered).
+        """Held-out loss; every rank of a tensor-parallel group and of a pipeline must call it (the logits are
+        gathered over TP; a pipeline runs its stages forward and hands the last one's logits to all).
 
         Under sequence parallelism the short tail window (length not divisible by the TP size) is left out.
         """
         device = next(model.parameters()).device
+        if pstate is not None and pstate.pp_size > 1:
+            model = PipelineLogits(model, pstate)
         if pstate is not None and pstate.tp_size > 1:
             model = FullLogits(model, pstate)
             if pstate.config.sequence_parallel:

@@ -14,6 +14,7 @@ import torch
 
 from ..config import RunConfig
 from ..parallel import FullLogits, ParallelState
+from ..parallel.pipeline import PipelineLogits
 from ..tokenizer import Tokenizer
 
 
@@ -24,6 +25,8 @@ class InLoopDownstream:
 
     def evaluate(self, model: torch.nn.Module, autocast: Callable, pstate: ParallelState) -> dict[str, float]:
         pad_multiple = 1
+        if pstate.pp_size > 1:
+            model = PipelineLogits(model, pstate)
         if pstate.tp_size > 1:
             model = FullLogits(model, pstate)
             pad_multiple = pstate.tp_size if pstate.config.sequence_parallel else 1

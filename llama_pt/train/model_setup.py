@@ -1,6 +1,7 @@
 """The model a run trains, built the same way on every rank: plain Llama -> attention backend -> tensor
 parallel plan (llama_pt.parallel) -> optional initial weights, grown to a new tokenizer's vocabulary when one
-is given (llama_pt.resize) -> adapters (llama_pt.adapters, peft) -> activation mode (llama_pt.blocks)."""
+is given (llama_pt.resize) -> adapters (llama_pt.adapters, peft) -> activation mode (llama_pt.blocks) -> this
+rank's pipeline stage (llama_pt.parallel.pipeline) when parallel.pipeline_parallel > 1."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..config import ConfigError, RunConfig
 from ..model import Llama
 from ..ops.attention import resolve_attention_backend
 from ..parallel import ParallelState, load_full_state_dict, parallelize
+from ..parallel.pipeline import PipelineStage, build_stage
 
 
 def check_base_weights(run: RunConfig) -> None:
@@ -39,11 +41,12 @@ def load_initial_weights(model: Llama, init_from: str, init_tokenizer: Optional[
     load_full_state_dict(model, {k: v.float() for k, v in weights.items()})
 
 
-def build_model(run: RunConfig, pstate: ParallelState, device: torch.device, resuming: bool = False) -> Llama:
+def build_model(run: RunConfig, pstate: ParallelState, device: torch.device,
+                resuming: bool = False) -> Llama | PipelineStage:
     """This rank's model: plain Llama -> attention backend -> tensor-parallel plan -> initial weights from
     train.init_from (continued pretraining; skipped when resuming a full-training checkpoint, which holds
     every weight; always loaded under peft, whose checkpoints hold only what trains) -> adapters (peft) ->
-    activation mode."""
+    activation mode -> the pipeline stage of this rank (its parts only; the rest of the model is dropped)."""
     torch.manual_seed(run.train.seed)  # the same initial model on every rank
     model = Llama(run.model).to(device)
     model.set_attention_backend(resolve_attention_backend(run.attention, device))
@@ -51,4 +54,5 @@ def build_model(run: RunConfig, pstate: ParallelState, device: torch.device, res
     if run.train.init_from is not None and (not resuming or run.peft.method != "none"):
         load_initial_weights(model, run.train.init_from, run.train.init_tokenizer)
     model = apply_peft(model, run.peft, pstate)
-    return apply_activation_mode(model, run.activation, pstate)
+    model = apply_activation_mode(model, run.activation, pstate)
+    return build_stage(model, pstate) if pstate.pp_size > 1 else model

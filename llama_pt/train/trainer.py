@@ -19,6 +19,11 @@ D ranks of a step, so each micro-batch's loss is its sum divided by N / (G D), N
 forward (one all-reduce over DP). With train.document_mask the model gets each token's document and position
 (llama_pt.data.batch: the examples of instruction windows, EOS-separated documents of pretraining windows).
 
+Pipeline parallelism (parallel.pipeline_parallel > 1): the model is this rank's stage, and `train_step` runs
+the schedule (llama_pt.parallel.pipeline: GPipe, 1F1B, interleaved 1F1B) instead of the loop over
+micro-batches; the loss exists on the last stage, its mean is agreed over PP and DP after the schedule, and a
+skipped step discards every stage's gradients (docs/parallelism.md, "Pipeline parallelism").
+
 Faults (docs/fault_tolerance.md): a stop signal (.preemption) ends the loop after the current step
 with a checkpoint; a step whose loss or gradient norm is bad is skipped and too many in a row roll the
 run back to the last checkpoint; a watchdog thread writes this rank's heartbeat and ends the process if
@@ -37,11 +42,14 @@ import torch.distributed as dist
 
 from ..adapters.apply import apply_peft
 from ..config import RunConfig, count_parameters, flops_per_token
+from ..config.pipeline import describe_split
 from ..data.batch import read_micro_batch, scored_targets
 from ..generate import sample_text
 from ..model import Llama
 from ..ops.documents import document_positions
 from ..parallel import CheckpointLayout, PlainDataParallel, full_state_dict, make_loss_fn
+from ..parallel.pipeline import StageLink, StageTimeline, run_schedule, schedule_actions
+from ..parallel.pipeline.stages import stage_split
 from ..tokenizer import Tokenizer
 from .checkpointing import CheckpointManager, checkpoint_to_resume, peft_record
 from .data_setup import TrainData, build_train_data
@@ -86,6 +94,8 @@ class Trainer:
         self.loss_fn = make_loss_fn(self.pstate)
         self.optimizer = build_optimizer(model, run.optim)
         self.engine = self._build_engine(model)
+        self.link = self._stage_link() if self.pstate.pp_size > 1 else None
+        self.timeline: Optional[StageTimeline] = None  # this stage's last step (pipeline only)
         self.autocast = contextlib.nullcontext if self.zero else autocast_context(self.device, self.precision)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.engine,
                                              lambda: dict(self.model.named_parameters()),
@@ -119,13 +129,22 @@ class Trainer:
                                     self.run.optim.grad_clip, bf16=self.precision.bf16)
         return PlainDataParallel(model, self.optimizer, self.pstate, gas, self.run.optim.grad_clip, p.overlap)
 
+    def _stage_link(self) -> StageLink:
+        """Transfers to the neighbouring stages: activations [micro-batch, seq (/ t under SP), dim] in the
+        model's dtype."""
+        t, p = self.run.train, self.pstate
+        seq = t.seq_len // p.tp_size if p.config.sequence_parallel and p.tp_size > 1 else t.seq_len
+        dtype = next(self.model.parameters()).dtype
+        return StageLink(p, (t.micro_batch_size, seq, self.run.model.dim), dtype, self.device)
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.data.loader.state_dict(), "guard": self.faults.state_dict(),
                 "model_config": self.run.model.to_dict(), "peft": peft_record(self.run.peft),
                 "config": self.config_dict,
                 "layout": {"world_size": self.ctx.env.world_size, "tensor_parallel": self.pstate.tp_size,
-                           "data_parallel": self.pstate.dp_size, "zero_stage": self.run.parallel.zero_stage}}
+                           "data_parallel": self.pstate.dp_size, "pipeline_parallel": self.pstate.pp_size,
+                           "zero_stage": self.run.parallel.zero_stage}}
 
     def save(self) -> Path:
         self.faults.beat(self.step, "checkpoint save")
@@ -165,10 +184,25 @@ class Trainer:
         step because one of them received a stop signal: self.stop_signals)."""
         stop_requested = self.stop_signals is not None and self.stop_signals.requested
         self.model.train()
+        normalizer = self._loss_normalizer(micro_batches)
+        if self.link is not None:
+            skipped, stop, mean_loss = self._pipeline_forward_backward(micro_batches, normalizer, stop_requested)
+        else:
+            skipped, stop, mean_loss = self._forward_backward(micro_batches, normalizer, stop_requested)
+        lr = learning_rate(self.step, self.run.train.steps, self.run.optim)
+        self.faults.beat(self.step + 1, "optimizer step")
+        grad_norm = self.engine.step(lr)
+        self.step += 1
+        skipped = self.faults.after_update(mean_loss, grad_norm, skipped)
+        return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
+
+    def _forward_backward(self, micro_batches: list[torch.Tensor], normalizer: Optional[float],
+                          stop_requested: bool) -> tuple[Optional[str], bool, float]:
+        """Every micro-batch's forward and backward (no pipeline); the skip and stop decisions are taken
+        before the last backward, once the global loss is known. Returns (skipped, stop, mean loss)."""
         n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         skipped, stop, mean_loss = None, False, math.nan
-        normalizer = self._loss_normalizer(micro_batches)
         for i, batch in enumerate(micro_batches):
             self.faults.beat(self.step + 1, f"forward/backward {i + 1}/{n}")
             micro = read_micro_batch(batch.to(self.device, non_blocking=True), self.run.train.document_mask,
@@ -185,12 +219,47 @@ class Trainer:
                 if skipped is not None:
                     loss = loss * math.nan  # non-finite gradients: every engine then skips the update
             self.engine.backward(loss, last=i == n - 1)
-        lr = learning_rate(self.step, self.run.train.steps, self.run.optim)
-        self.faults.beat(self.step + 1, "optimizer step")
-        grad_norm = self.engine.step(lr)
-        self.step += 1
-        skipped = self.faults.after_update(mean_loss, grad_norm, skipped)
-        return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
+        return skipped, stop, mean_loss
+
+    def _pipeline_forward_backward(self, micro_batches: list[torch.Tensor], normalizer: Optional[float],
+                                   stop_requested: bool) -> tuple[Optional[str], bool, float]:
+        """This stage's part of the pipeline schedule over the micro-batches (llama_pt.parallel.pipeline). The
+        loss exists on the last stage only; its global mean is agreed over PP and DP after the schedule, and a
+        skipped step (a bad loss anywhere) turns every stage's gradients non-finite, so that the global norm
+        (summed over the stages) skips the update on all of them."""
+        p, cfg, t = self.pstate, self.run.parallel, self.run.train
+        micros = [read_micro_batch(b.to(self.device, non_blocking=True), t.document_mask, self.data.eos_id)
+                  for b in micro_batches]
+        layouts = [{} if mb.documents is None else {"positions": document_positions(mb.documents),
+                                                    "documents": mb.documents} for mb in micros]
+        m = len(micros)
+
+        def forward(chunk: int, i: int, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+            self.faults.beat(self.step + 1, f"pipeline stage {p.pp_rank}: forward {i + 1}/{m} of chunk {chunk}")
+            with self.autocast():
+                return self.engine.forward(micros[i].inputs, hidden=hidden, chunk=chunk, **layouts[i])
+
+        def loss(i: int, logits: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(logits, micros[i].targets, scored=micros[i].scored, normalizer=normalizer)
+
+        def backward(out: torch.Tensor, grad: Optional[torch.Tensor], last: bool) -> None:
+            self.faults.beat(self.step + 1, f"pipeline stage {p.pp_rank}: backward")
+            if grad is None:
+                self.engine.backward(out, last=last)
+            else:
+                self.engine.backward_from(out, grad, last=last)
+
+        actions = schedule_actions(cfg.pipeline_schedule, p.pp_size, p.pp_rank, m, cfg.virtual_stages)
+        self.timeline = StageTimeline(p.pp_rank)
+        self.link.bytes_sent = 0
+        losses = run_schedule(actions, p.pp_size, p.pp_rank, cfg.virtual_stages, m, self.link, forward, loss,
+                              backward, self.timeline)
+        loss_sum = torch.stack(losses).float().sum() if losses else torch.zeros((), device=self.device)
+        mean_loss = self._global_mean(loss_sum / m)
+        skipped, stop = self.faults.decide(self.step + 1, mean_loss, stop_requested)
+        if skipped is not None:
+            self.engine.discard_gradients()
+        return skipped, stop, mean_loss
 
     def _loss_normalizer(self, micro_batches: list[torch.Tensor]) -> Optional[float]:
         """N / (G D) for a step whose windows have a loss mask (N: their scored targets over the global batch,
@@ -203,7 +272,10 @@ class Trainer:
         return max(total.item(), 1.0) / (len(micro_batches) * self.pstate.dp_size)
 
     def _global_mean(self, local_mean: torch.Tensor) -> float:
-        """The global batch's mean loss (equal micro-batch counts per data-parallel rank)."""
+        """The global batch's mean loss (equal micro-batch counts per data-parallel rank); with a pipeline, the
+        last stage's, on every stage (the others contribute zero)."""
+        if self.pstate.pp_size > 1:
+            dist.all_reduce(local_mean, group=self.pstate.pp_group)
         if self.pstate.dp_size > 1:
             dist.all_reduce(local_mean, group=self.pstate.dp_group)
             local_mean /= self.pstate.dp_size
@@ -284,6 +356,11 @@ class Trainer:
                     f"{self.run.grad_accumulation_steps(self.pstate.dp_size)} micro-batches of "
                     f"{t.micro_batch_size} per step; {self.precision.name}; {self.describe_layout()}\n"
                     f"data (epochs over {t.steps} steps):\n{self.data.epoch_table}")
+        if self.ctx.distributed:
+            log.message(f"process groups: {self.pstate.describe()}")
+        if self.pstate.pp_size > 1:
+            log.message(f"pipeline split ({self.run.parallel.pipeline_schedule}): "
+                        f"{describe_split(stage_split(self.pstate), self.pstate.pp_size)}")
         if self.precision.note:
             log.message(self.precision.note)
         if resumed_from is not None:
@@ -324,8 +401,9 @@ class Trainer:
     def describe_layout(self) -> str:
         p = self.pstate
         dp = "all-reduce" if not self.zero else f"DeepSpeed ZeRO-{self.run.parallel.zero_stage}"
+        pp = f" x PP={p.pp_size} ({p.config.pipeline_schedule})" if p.pp_size > 1 else ""
         return (f"{self.ctx.env.world_size} process(es): TP={p.tp_size}"
-                f"{' +SP' if p.config.sequence_parallel and p.tp_size > 1 else ''} x DP={p.dp_size} ({dp})")
+                f"{' +SP' if p.config.sequence_parallel and p.tp_size > 1 else ''} x DP={p.dp_size} ({dp}){pp}")
 
     def close(self) -> None:
         self.engine.close()

@@ -43,3 +43,29 @@ def test_a_frozen_rank_makes_the_others_fail_naming_step_and_collective(tmp_path
     assert heartbeat(run, 0)["hung"] == first_line.removeprefix("error: ")
     assert heartbeats_main([str(run), "--interval", "0.1"]) == 0
     assert "rank 1" in capsys.readouterr().out
+
+
+def test_a_frozen_pipeline_stage_is_named_in_the_report(tmp_path, token_corpus):
+    # PP=2: rank 1 holds stage 1. Frozen, it leaves stage 0 waiting in a transfer from it (or in a collective
+    # of the step); the report names the phase, with the stage, and the point-to-point peer.
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    proc = start_torchrun(token_corpus, run, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0",
+                          "parallel=pp2", f"fault.collective_timeout_s={TIMEOUT_S}", log=log)
+    frozen = None
+    try:
+        beat = wait_for(lambda: (b := heartbeat(run, 1)) and b["step"] >= 10 and b, 120, "rank 1 at step 10")
+        frozen = beat["pid"]
+        os.kill(frozen, signal.SIGSTOP)
+        message = wait_for(lambda: re.search(r"error: rank 0 .*\n(.*\n)*?.*NO HEARTBEAT.*\n", log.read_text()),
+                           60, "rank 0's hang report").group(0)
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGKILL)
+        proc.wait(timeout=60)
+    first_line = message.splitlines()[0]
+    assert heartbeat(run, 1)["phase"].startswith("pipeline stage 1: ") or "optimizer" in heartbeat(run, 1)["phase"]
+    waiting = re.search(r"collective (.*?) has not completed", first_line).group(1)
+    if waiting.startswith(("recv", "send", "isend", "irecv")):
+        assert re.fullmatch(r"(recv from|isend to|send to|irecv from) rank 1 \(\[4, 32, 64\] float32\)", waiting)
+        assert "phase 'pipeline stage 0: " in first_line, first_line
+    assert proc.returncode != 0

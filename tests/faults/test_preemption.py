@@ -4,6 +4,8 @@ The SLURM path (pre-timeout USR1 through train.sbatch, then requeue) is in tests
 import os
 import signal
 
+import pytest
+
 from support.fault_runs import assert_bitwise_equal, final_state, heartbeat, start_torchrun, wait_for
 from support import make_config
 from llama_pt.train.checkpoint import list_checkpoints, verify_checkpoint
@@ -39,8 +41,11 @@ def test_sigusr1_in_one_process_checkpoints_exits_and_calls_the_previous_handler
     assert_bitwise_equal(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
 
 
-def test_sigterm_to_torchrun_checkpoints_and_the_next_run_resumes(tmp_path, token_corpus):
-    steps = ("train.steps=150", "train.ckpt_every=1000")
+@pytest.mark.parametrize("layout", [(), pytest.param(("parallel=pp2", "train.eval_every=0"), marks=pytest.mark.slow)],
+                         ids=["dp2", "pp2"])
+def test_sigterm_to_torchrun_checkpoints_and_the_next_run_resumes(tmp_path, token_corpus, layout):
+    # pp2: the two stages agree to stop after the same step and write one checkpoint between them.
+    steps = ("train.steps=150", "train.ckpt_every=1000", *layout)
     straight = start_torchrun(token_corpus, tmp_path / "straight", *steps)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out[-3000:]

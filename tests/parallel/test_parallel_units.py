@@ -51,7 +51,8 @@ def test_parallel_config_files_and_bad_values():
     for f in files:
         cfg = ParallelConfig.from_dict(yaml.safe_load(f.read_text()))
         assert set(cfg.to_dict()) == {"tensor_parallel", "sequence_parallel", "overlap", "zero_stage", "backend",
-                                      "bucket_size"}
+                                      "bucket_size", "pipeline_parallel", "virtual_stages", "pipeline_schedule",
+                                      "pipeline_embedding_layers", "pipeline_head_layers"}
     assert ParallelConfig.from_dict(yaml.safe_load((REPO / "configs/parallel/tp2_sp.yaml").read_text())) == \
         ParallelConfig(tensor_parallel=2, sequence_parallel=True, overlap=True, zero_stage=0, backend="auto",
                        bucket_size=500_000_000)

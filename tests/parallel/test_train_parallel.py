@@ -12,17 +12,14 @@ One process (here) gives the reference losses and the TP=1 x DP=1 resume. Tolera
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama_pt.config import compose_config
-from llama_pt.config import resolve
-from llama_pt.train.trainer import Trainer
+from support.single import single_run
 from support.torchrun import torchrun_results
 from support.workers import WORKERS
 from support.workers.train_worker import with_overrides
@@ -55,24 +52,6 @@ def _launch(nproc: int, cases: list[str], out: Path, base: Path, resume_from: Pa
                             nproc=nproc, timeout=400)
 
 
-def _single(cfg: dict) -> dict:
-    """One process with the same bookkeeping as the worker: per-step loss and global-batch hash."""
-    run = resolve(cfg)
-    trainer = Trainer(run, cfg)
-    if trainer.resume_from is not None:
-        trainer.restore(trainer.resume_from)
-    steps, original = {}, trainer.train_step
-
-    def recorded(micro_batches):
-        digest = hashlib.sha256(torch.cat(micro_batches).numpy().tobytes()).hexdigest()
-        metrics = original(micro_batches)
-        steps[str(trainer.step)] = {"loss": metrics["loss"], "batch": digest}
-        return metrics
-    trainer.train_step = recorded
-    trainer.fit(resumed_from=trainer.resume_from)
-    return {"steps": steps}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, token_corpus) -> dict:
     out = tmp_path_factory.mktemp("parallel_train")
@@ -82,10 +61,10 @@ def runs(tmp_path_factory, token_corpus) -> dict:
     results = _launch(4, FOUR, out, out / "base.json", checkpoint)
     results.update(_launch(2, TWO, out, out / "base.json", checkpoint))
     single = with_overrides(base, {"train.steps": 20, "train.out_dir": str(out / "single")})
-    results["single"] = [_single(single)]
+    results["single"] = [single_run(single)]
     resumed = with_overrides(base, {"train.steps": 20, "train.exit_interval": 8, "train.resume": str(checkpoint),
                                     "train.out_dir": str(out / "tp1dp1_resume")})
-    results["tp1dp1_resume"] = [_single(resumed)]
+    results["tp1dp1_resume"] = [single_run(resumed)]
     return results
 
 

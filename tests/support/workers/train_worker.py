@@ -7,12 +7,15 @@ GLOBAL batch (all data-parallel ranks' micro-batches in rank order). Actions:
           single-process reference computed here on the same global batch from the same seed
   comm    at step 2: every collective issued (llama_pt.parallel.trace_collectives), per group
   resume  restore from --resume-from first (the checkpoint of another launch or layout)
+  memory  at step 2: the peak of the bytes the stage's layers keep for backward (pipeline stages)
+  nan     at step 2: a NaN in one gradient of the first pipeline stage only (every stage must skip the update)
   corrupt restore from a copy of --resume-from with one byte flipped: every rank must refuse it
 Each rank writes <out>/<case>.rank<r>.json; tests/parallel/test_train_parallel.py makes the assertions.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import hashlib
@@ -35,6 +38,8 @@ from llama_pt.train.trainer import Trainer
 
 Z = "parallel.zero_stage"
 TP2 = {"parallel.tensor_parallel": 2}
+PP2 = {"parallel.pipeline_parallel": 2}
+INTERLEAVED = {"parallel.virtual_stages": 2, "parallel.pipeline_schedule": "interleaved_1f1b", "model.n_layers": 4}
 # name: (overrides, actions); the launch's world size decides the data-parallel size.
 CASES = {
     # 4 processes: TP=2 x DP=2
@@ -54,6 +59,20 @@ CASES = {
     "tp1dp2_z1_corrupt": ({Z: 1}, ("corrupt",)),
     "tp1dp2_z2_resume": ({Z: 2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "tp2dp1_z0_resume": ({**TP2, Z: 0, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    # pipelines (tests/parallel/test_pipeline_train.py). 2 processes: PP=2
+    "pp2_1f1b": ({**PP2, "train.steps": 20}, ("grads", "memory")),
+    "pp2_gpipe": ({**PP2, "parallel.pipeline_schedule": "gpipe", "train.eval_every": 2}, ("grads", "memory")),
+    "pp2_interleaved": ({**PP2, **INTERLEAVED, "train.eval_every": 2}, ("grads",)),
+    "pp2_nan_on_stage0": ({**PP2, "train.steps": 3}, ("nan",)),
+    "pp2tp1_resume": ({**PP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    "pp1tp2_resume": ({**TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    # 4 processes: PP=2 x TP=2 (it saves the checkpoints the resumes read), with SP; PP=2 x DP=2 ZeRO-1
+    "pp2tp2": ({**PP2, **TP2, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
+    "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True, "train.eval_every": 2}, ("grads",)),
+    "pp2tp2_resume": ({**PP2, **TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
+    "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
+    "pp2dp2_z1_resume": ({**PP2, Z: 1, "train.steps": 20, "train.exit_interval": 8,
+                          "train.resume": "{out}/pp2dp2_z1/checkpoints/step_00000004"}, ()),
 }
 
 
@@ -99,6 +118,48 @@ def reference_step(trainer: Trainer, batch: torch.Tensor) -> dict:
     return {"loss": total / len(micro), "norm": norm.item(), "grads": {n: q.grad for n, q in ref.named_parameters()}}
 
 
+class _Saved:
+    """A tensor autograd keeps for backward, counted in `live` (bytes per storage) until autograd frees it."""
+
+    def __init__(self, t: torch.Tensor, live: dict):
+        self.t, self.live, self.key = t, live, t.untyped_storage().data_ptr()
+        entry = live.setdefault(self.key, [0, t.untyped_storage().nbytes()])
+        entry[0] += 1
+
+    def __del__(self):
+        entry = self.live[self.key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.live[self.key]
+
+
+@contextlib.contextmanager
+def peak_layer_activations(stage: torch.nn.Module):
+    """The most bytes the stage's transformer layers keep for backward at once (distinct storages, weights
+    and buffers such as the RoPE tables left out) while the block runs: yields {"bytes": peak}, filled on exit."""
+    weights = {q.untyped_storage().data_ptr() for q in [*stage.parameters(), *stage.buffers()]}
+    live: dict[int, list[int]] = {}
+    peak = {"bytes": 0}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() in weights:
+            return t
+        saved = _Saved(t, live)
+        peak["bytes"] = max(peak["bytes"], sum(n for _, n in live.values()))
+        return saved
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.t if isinstance(s, _Saved) else s)
+    handles = []
+    for layer in stage.layers.values():
+        handles.append(layer.register_forward_pre_hook(lambda *_: hooks.__enter__()))
+        handles.append(layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None)))
+    try:
+        yield peak
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def corrupt_copy(checkpoint: Path, out: Path) -> Path:
     """A copy of the checkpoint with one byte of one rank's DCP file flipped (made by rank 0)."""
     copy_dir = out / "corrupt" / checkpoint.name
@@ -117,6 +178,7 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
     cfg = with_overrides(base, {**overrides, "train.out_dir": str(out / name)})
     if "resume" in actions:
         cfg["train"]["resume"] = resume_from
+    cfg["train"]["resume"] = cfg["train"]["resume"].format(out=out)  # a checkpoint of an earlier case
     if "corrupt" in actions:
         cfg["train"]["resume"] = str(corrupt_copy(Path(resume_from), out))
     env = WorldEnv.from_environ()
@@ -133,7 +195,8 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
     if trainer.resume_from is not None:
         trainer.restore(trainer.resume_from)
     p = trainer.pstate
-    result = {"tp": p.tp_size, "dp": p.dp_size, "sp": run.parallel.sequence_parallel,
+    result = {"tp": p.tp_size, "dp": p.dp_size, "pp": p.pp_size, "pp_rank": p.pp_rank,
+              "virtual_stages": run.parallel.virtual_stages, "sp": run.parallel.sequence_parallel,
               "zero": run.parallel.zero_stage, "overlap": run.parallel.overlap,
               "gas": run.grad_accumulation_steps(), "resumed_at": trainer.step, "steps": {},
               "dp_ranks": list(range(p.tp_rank, p.world_size, p.tp_size)),
@@ -160,6 +223,21 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
             metrics = original_step(micro_batches)
             trainer.engine.step = original_engine_step
             result.update(ref_loss=ref["loss"], ref_norm=ref["norm"], loss1=metrics["loss"], norm1=metrics["grad_norm"])
+        elif index == 2 and "memory" in actions:
+            with peak_layer_activations(trainer.model) as peak:
+                metrics = original_step(micro_batches)
+            result["peak_layer_activation_bytes"] = peak["bytes"]
+            result["stage_layers"] = len(trainer.model.layers)
+        elif index == 2 and "nan" in actions:
+            def poisoned_step(lr):  # a NaN in one gradient of the first stage only
+                if p.pp_rank == 0:
+                    next(q for q in trainer.model.parameters() if q.grad is not None).grad.view(-1)[0] = float("nan")
+                return original_engine_step(lr)
+            trainer.engine.step = poisoned_step
+            before = {n: q.detach().clone() for n, q in trainer.model.named_parameters()}
+            metrics = original_step(micro_batches)
+            trainer.engine.step = original_engine_step
+            result["unchanged_after_skip"] = all(torch.equal(q, before[n]) for n, q in trainer.model.named_parameters())
         elif index == 2 and "comm" in actions:
             with trace_collectives() as calls:
                 metrics = original_step(micro_batches)
@@ -171,7 +249,10 @@ def run_case(name: str, base: dict, out: Path, resume_from: str | None) -> dict:
                 and "float" in c.dtype]  # gradients, not the trainer's int32 step-agreement flags
         else:
             metrics = original_step(micro_batches)
-        result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest}
+        if trainer.timeline is not None:
+            result.setdefault("p2p_bytes", {})[index] = trainer.link.bytes_sent
+        result["steps"][index] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "batch": digest,
+                                  "skipped": metrics["skipped"]}
         return metrics
 
     trainer.train_step = recorded_step
