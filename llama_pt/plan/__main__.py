@@ -1,7 +1,11 @@
 """`python -m llama_pt.plan <train.py's Hydra overrides> gpu=h100 nodes=N [gpus_per_node=8] [ib_gbps=400] [--json]`
+`python -m llama_pt.plan search <Hydra overrides: model, train.seq_len, train.global_batch_tokens> gpu=h100 nodes=N [top=10]`
 
-Composes the same config as train.py (configs/) and prints the plan. Exit status: 0 when the run fits
-in the GPU's memory, 1 when it does not, 2 for a bad config or argument.
+Composes the same config as train.py (configs/) and prints the plan. Pipeline parallelism: pp= (or
+parallel.pipeline_parallel=), vp= (parallel.virtual_stages=), schedule= (parallel.pipeline_schedule=),
+parallel.pipeline_embedding_layers=, parallel.pipeline_head_layers=. `search` prints the best layouts that fit
+(llama_pt.plan.search). Exit status: 0 when the run fits in the GPU's memory (search: when some layout fits),
+1 when it does not, 2 for a bad config or argument.
 """
 from __future__ import annotations
 
@@ -11,16 +15,23 @@ from typing import Any
 
 from ..config import ConfigError, compose_config
 from .hardware import get_gpu
+from .layout import PIPELINE_DEFAULTS
 from .report import format_report, make_plan
+from .search import format_table, search
 
-OWN_KEYS = {"gpu": str, "nodes": int, "gpus_per_node": int, "ib_gbps": float}
+OWN_KEYS = {"gpu": str, "nodes": int, "gpus_per_node": int, "ib_gbps": float, "top": int,
+            **{f"parallel.{name}": type(default) for name, default in PIPELINE_DEFAULTS.items()}}
+ALIASES = {"pp": "parallel.pipeline_parallel", "vp": "parallel.virtual_stages", "schedule": "parallel.pipeline_schedule"}
+USAGE = ("usage: python -m llama_pt.plan [search] [Hydra overrides] gpu=h100 nodes=N [gpus_per_node=8] [ib_gbps=...] "
+         "[pp=P vp=V schedule=gpipe|1f1b|interleaved_1f1b] [top=N] [--json]")
 
 
 def split_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str], bool]:
-    """Planner keys (gpu=, nodes=, ...) and --json apart from the Hydra overrides."""
+    """Planner keys (gpu=, nodes=, pp=, ...) and --json apart from the Hydra overrides."""
     own, overrides, as_json = {}, [], False
     for arg in argv:
         key, sep, value = arg.partition("=")
+        key = ALIASES.get(key, key)
         if arg == "--json":
             as_json = True
         elif sep and key in OWN_KEYS:
@@ -31,18 +42,40 @@ def split_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str], bool]:
         else:
             overrides.append(arg)
     if "gpu" not in own or "nodes" not in own:
-        raise ValueError("usage: python -m llama_pt.plan [Hydra overrides] gpu=h100 nodes=N [gpus_per_node=8] "
-                         "[ib_gbps=...] [--json]")
+        raise ValueError(USAGE)
     return own, overrides, as_json
 
 
+def run_search(own: dict[str, Any], cfg: dict[str, Any], per_node: int, as_json: bool) -> int:
+    gpu = get_gpu(own["gpu"], own.get("ib_gbps"))
+    world = own["nodes"] * per_node
+    ranked = search(cfg, gpu, world, per_node)
+    top = own.get("top", 10)
+    if as_json:
+        print(json.dumps([dict(tp=r.layout.tp, pp=r.layout.pp, vp=r.layout.vp, schedule=r.layout.schedule,
+                               dp=r.layout.dp, zero_stage=r.layout.zero_stage, micro_batch=r.layout.micro_batch,
+                               activation=r.layout.activation, peak_bytes=r.peak, bubble=r.layout.bubble,
+                               tokens_per_s_per_gpu=r.time.tokens_per_s_per_gpu, mfu=r.time.mfu)
+                          for r in ranked[:top]], indent=1))
+    elif ranked:
+        print(f"{len(ranked)} layouts fit on {world} x {gpu.name}; the {min(top, len(ranked))} fastest:")
+        print(format_table(ranked, top))
+    else:
+        print(f"no layout fits on {world} x {gpu.name}")
+    return 0 if ranked else 1
+
+
 def main(argv: list[str]) -> int:
+    searching = argv[:1] == ["search"]
     try:
-        own, overrides, as_json = split_arguments(argv)
-        gpu = get_gpu(own["gpu"], own.get("ib_gbps"))
+        own, overrides, as_json = split_arguments(argv[1:] if searching else argv)
         per_node = own.get("gpus_per_node", 8)
         cfg = compose_config(overrides)
-        plan = make_plan(cfg, gpu, own["nodes"] * per_node, per_node)
+        if searching:
+            return run_search(own, cfg, per_node, as_json)
+        gpu = get_gpu(own["gpu"], own.get("ib_gbps"))
+        pipeline = {key.split(".", 1)[1]: value for key, value in own.items() if key.startswith("parallel.")}
+        plan = make_plan(cfg, gpu, own["nodes"] * per_node, per_node, pipeline=pipeline)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,13 +15,19 @@ all-gather of the updated weights P; ZeRO-2 reduce-scatters on every micro-batch
 keeps no full gradient) plus the all-gather; ZeRO-3 gathers the weights for every micro-batch's forward
 and backward and reduce-scatters every backward: 3 x (d-1)/d P per micro-batch, 1.5x plain data
 parallelism (Rajbhandari et al. 2020, Sec. 7.2).
+
+Pipeline parallelism: a stage's TP volume is that of its layers (the embedding's all-reduce on the first
+stage, the head's column group and the loss on the last), its DP volume that of its parameters; the
+point-to-point messages are llama_pt.plan.pipeline's (p2p_message_bytes, p2p_sends_per_micro_batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .layout import Layout
 from .memory import STATE_BYTES, local_parameters
+from .pipeline import Stage, p2p_message_bytes, p2p_sends_per_micro_batch, whole_model
 
 
 def ring(n: int) -> float:
@@ -43,18 +49,20 @@ class TPVolume:
         return self.backward_blocking + self.per_group * self.groups_overlapped * self.n_groups
 
 
-def tp_volume(layout: Layout) -> TPVolume:
+def tp_volume(layout: Layout, stage: Optional[Stage] = None) -> TPVolume:
+    """Per micro-batch, over the TP group, on one rank of pipeline `stage` (the whole model by default)."""
     m, t, T = layout.model, layout.tp, layout.micro_tokens
-    L, h = m.n_layers, m.dim
+    stage = stage or whole_model(m.n_layers)
+    L, h = stage.layers, m.dim
     if t == 1:
         return TPVolume(0.0, 0.0, 0.0, 0, 0)
     e = 2 if layout.precision == "bf16" else 4
     A = T * h * e
-    emb = 4 * T * h                      # the embedding's output is float32
-    loss = 2 * ring(t) * 12 * T          # max, then (sum of exponentials, target logit)
+    emb = 4 * T * h * stage.first        # the embedding's output is float32
+    loss = 2 * ring(t) * 12 * T * stage.last  # max, then (sum of exponentials, target logit)
     kv_rep = t // m.kv_heads if m.kv_heads < t else 1
     kv = 2 * L * 2 * ring(kv_rep) * 4 * m.head_dim * h if kv_rep > 1 else 0.0
-    groups = 2 * L + 1
+    groups = 2 * L + stage.last
     if not layout.sp:
         forward = 2 * ring(t) * (2 * L * A + emb) + loss
         per_group = 2 * ring(t) * A      # all-reduce of the group's input gradient
@@ -78,11 +86,12 @@ class DPVolume:
         return self.reduce_each * self.reduces + self.gather_each * self.gathers
 
 
-def dp_volume(layout: Layout, zero_stage: int) -> DPVolume:
+def dp_volume(layout: Layout, zero_stage: int, stage: Optional[Stage] = None) -> DPVolume:
+    """Per optimizer step, over the DP group, on one rank of pipeline `stage` (the whole model by default)."""
     d, k = layout.dp, layout.grad_accum
     if d == 1:
         return DPVolume(0.0, 0, 0.0, 0)
-    psi = local_parameters(layout.model, layout.tp)
+    psi = local_parameters(layout.model, layout.tp, stage)
     w, g, _ = STATE_BYTES[layout.precision]
     G, P = psi * g, psi * w
     if zero_stage == 0:
@@ -92,6 +101,13 @@ def dp_volume(layout: Layout, zero_stage: int) -> DPVolume:
     if zero_stage == 2:
         return DPVolume(ring(d) * G, k, ring(d) * P, 1)
     return DPVolume(ring(d) * G, k, ring(d) * P, 2 * k)
+
+
+def p2p_volume(layout: Layout, stage: Stage) -> float:
+    """Per micro-batch, bytes one GPU of pipeline `stage` sends to its neighbour stages (activations forward,
+    gradients backward): 2 V b s h x 4 / t under SP for a middle stage (pipeline.p2p_message_bytes)."""
+    message = p2p_message_bytes(layout.micro_batch, layout.seq_len, layout.model.dim, layout.tp, layout.sp)
+    return p2p_sends_per_micro_batch(stage, layout.pp) * message
 
 
 def dp_link(layout: Layout) -> str:

@@ -19,15 +19,26 @@ llama_pt.adapters.nf4_storage_bytes per matrix; Dettmers et al. 2023, Sec. 3). A
 activation mode keeps with the LoRA branches of peft.targets (layer_activation_bytes' lora terms); a
 frozen head keeps no input (its input gradient needs only its weight). QLoRA adds one projection
 dequantised to the compute dtype as a temporary buffer (llama_pt.adapters.nf4.dequantize_bytes).
+
+Pipeline parallelism (llama_pt.plan.pipeline, docs/planner.md "Pipeline parallelism"): every term is that of
+one pipeline rank's Stage. Its states are those of its layers, plus the embedding on the first stage and the
+final norm and head on the last; its activations are its in-flight micro-batches' (Stage.in_flight: the
+schedule's peak) times each chunk's layers, with the token batch, final norm, head input and loss of the
+micro-batches in flight at the first or last chunk; the logits buffers only on the last stage, and two
+received point-to-point messages (an activation and a gradient) on every stage. Without pipeline
+parallelism the one Stage is the whole model with one micro-batch alive.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
 
 from ..adapters.nf4 import dequantize_bytes, nf4_storage_bytes
 from ..blocks.memory import layer_activation_bytes
 from ..config import ModelConfig
 from .layout import Layout
+from .pipeline import Stage, p2p_message_bytes, whole_model
 
 STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer per parameter
 ADAM_STEP_TEMP_BYTES = 4      # fp32 temporary per optimizer-shard parameter inside the Adam step
@@ -48,13 +59,16 @@ def projection_shapes(model: ModelConfig, tp: int) -> dict[str, tuple[int, int]]
             "w1": (f_local, h), "w2": (h, f_local), "w3": (f_local, h)}
 
 
-def local_parameters(model: ModelConfig, tp: int) -> int:
+def local_parameters(model: ModelConfig, tp: int, stage: Optional[Stage] = None) -> int:
     """Parameters one tensor-parallel rank holds (all of them for tp=1): its share of every projection
     (projection_shapes), the RMSNorm weights (replicated), 1/t of the rows of the vocabulary-parallel
-    embedding and of the column-parallel output head."""
+    embedding and of the column-parallel output head. With a pipeline `stage`: its layers, the embedding on
+    the first stage, the final norm and the head on the last."""
     h = model.dim
+    stage = stage or whole_model(model.n_layers)
     per_layer = sum(rows * cols for rows, cols in projection_shapes(model, tp).values()) + 2 * h
-    return model.n_layers * per_layer + 2 * (model.padded_vocab_size // tp) * h + h
+    vocab = (model.padded_vocab_size // tp) * h
+    return stage.layers * per_layer + stage.first * vocab + stage.last * (vocab + h)
 
 
 def _vocab_rows(layout: Layout) -> int:
@@ -73,11 +87,12 @@ def adapter_parameters(layout: Layout) -> int:
     return layout.model.n_layers * sum(layout.peft.rank * sum(shapes[name]) for name in layout.peft.targets)
 
 
-def trainable_parameters(layout: Layout) -> int:
-    """Parameters with gradients and optimizer state on one tensor-parallel rank: all of them for full
-    training; the LoRA factors and the modules in peft.modules_to_save under LoRA and QLoRA."""
+def trainable_parameters(layout: Layout, stage: Optional[Stage] = None) -> int:
+    """Parameters with gradients and optimizer state on one tensor-parallel rank (of one pipeline `stage`):
+    all of them for full training; the LoRA factors and the modules in peft.modules_to_save under LoRA and
+    QLoRA (no pipeline parallelism: layout_from_config refuses it)."""
     if layout.peft.method == "none":
-        return local_parameters(layout.model, layout.tp)
+        return local_parameters(layout.model, layout.tp, stage)
     return adapter_parameters(layout) + len(layout.peft.modules_to_save) * _vocab_rows(layout)
 
 
@@ -110,12 +125,13 @@ def layer_weight_bytes(layout: Layout) -> int:
     return _base_layer_bytes(layout) + adapter_parameters(layout) // layout.model.n_layers * w
 
 
-def state_bytes(layout: Layout, zero_stage: int) -> dict[str, int]:
-    """Model states on one GPU under a ZeRO stage (0-3): weights, gradients and optimizer state of the
-    trainable parameters, and under PEFT the frozen base (weights only; divided by d under ZeRO-3 too)."""
+def state_bytes(layout: Layout, zero_stage: int, stage: Optional[Stage] = None) -> dict[str, int]:
+    """Model states on one GPU (of one pipeline `stage`) under a ZeRO stage (0-3): weights, gradients and
+    optimizer state of the trainable parameters, and under PEFT the frozen base (weights only; divided by d
+    under ZeRO-3 too). ZeRO shards over the d data-parallel ranks of the stage."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage {zero_stage} is not one of 0, 1, 2, 3")
-    psi = trainable_parameters(layout)
+    psi = trainable_parameters(layout, stage)
     w, g, o = STATE_BYTES[layout.precision]
     shard = lambda stage: layout.dp if zero_stage >= stage else 1  # noqa: E731
     states = {"weights": -(-psi * w // shard(3)), "gradients": -(-psi * g // shard(2)),
@@ -123,6 +139,17 @@ def state_bytes(layout: Layout, zero_stage: int) -> dict[str, int]:
     if layout.peft.method != "none":
         states = {"frozen_base": -(-frozen_base_bytes(layout) // shard(3)), **states}
     return states
+
+
+def _layer_bytes(mode: str, layout: Layout) -> int:
+    """One layer's saved bytes for one micro-batch."""
+    return _cached_layer_bytes(mode, tuple(sorted(_layer_kwargs(layout).items())))
+
+
+@lru_cache(maxsize=4096)
+def _cached_layer_bytes(mode: str, kwargs: tuple) -> int:
+    """layer_activation_bytes by value (the search asks for the same layer many times)."""
+    return layer_activation_bytes(mode, **dict(kwargs))
 
 
 def _layer_kwargs(layout: Layout) -> dict:
@@ -135,10 +162,11 @@ def _layer_kwargs(layout: Layout) -> dict:
     return kw
 
 
-def activation_bytes(layout: Layout) -> dict[str, int]:
-    """Saved-for-backward bytes of one micro-batch on one GPU, by part (docs/planner.md, "Activations")."""
+def activation_bytes(layout: Layout, stage: Optional[Stage] = None) -> dict[str, int]:
+    """Saved-for-backward bytes on one GPU at its peak, by part (docs/planner.md, "Activations"): one
+    micro-batch without pipeline parallelism; a pipeline `stage`'s in-flight micro-batches with it."""
     m, t, T = layout.model, layout.tp, layout.micro_tokens
-    kw = _layer_kwargs(layout)
+    stage = stage or whole_model(m.n_layers)
     r = 4                                               # residual stream and norm math: fp32 (also under autocast)
     e = 2 if layout.precision == "bf16" else 4         # matmul outputs
     shard = T // t if layout.sp else T                  # tokens of a residual-stream tensor on this rank
@@ -150,28 +178,33 @@ def activation_bytes(layout: Layout) -> dict[str, int]:
         loss = T * m.padded_vocab_size * 4 + T * 8 + 4  # log-softmax (fp32), flattened targets, total weight
     else:
         loss = T * v_local * 4 + T * 8 + T * 1         # softmax (fp32), local target ids, outside mask
+    ends = max(stage.embedding_in_flight, stage.head_in_flight)  # micro-batches whose token batch is kept
+    heads = stage.head_in_flight
     parts = {
-        "layers": m.n_layers * layer_activation_bytes(layout.activation, **kw),
-        "tokens": layout.micro_batch * (layout.seq_len + 1) * 8,   # the int64 batch (inputs + targets)
-        "final_norm": 2 * shard * m.dim * r + shard * r,          # input, normalised, 1/rms
-        "head_input": head_input,                                  # what the output projection saves
-        "loss": loss,
+        "layers": stage.activation_layers * _layer_bytes(layout.activation, layout),
+        "tokens": ends * layout.micro_batch * (layout.seq_len + 1) * 8,   # the int64 batch (inputs + targets)
+        "final_norm": heads * (2 * shard * m.dim * r + shard * r),       # input, normalised, 1/rms
+        "head_input": heads * head_input,                                 # what the output projection saves
+        "loss": heads * loss,
     }
-    if layout.activation == "full":  # one layer recomputed with everything saved, during its backward
-        parts["recompute"] = layer_activation_bytes("none", **kw)
+    if layout.activation == "full" and stage.layers:  # one layer recomputed with everything saved, in its backward
+        parts["recompute"] = _layer_bytes("none", layout)
     return parts
 
 
-def buffer_bytes(layout: Layout, zero_stage: int, reserve: int) -> dict[str, int]:
-    """Temporary buffers alive during the forward/backward of a micro-batch."""
+def buffer_bytes(layout: Layout, zero_stage: int, reserve: int, stage: Optional[Stage] = None) -> dict[str, int]:
+    """Temporary buffers alive during the forward/backward of a micro-batch (on one pipeline `stage`)."""
     m, t, T = layout.model, layout.tp, layout.micro_tokens
+    stage = stage or whole_model(m.n_layers)
     e = 2 if layout.precision == "bf16" else 4
     v_local = m.padded_vocab_size // t
-    psi = trainable_parameters(layout)
+    psi = trainable_parameters(layout, stage)
     g = STATE_BYTES[layout.precision][1]
-    # logits in the matmul dtype, their fp32 copy for the loss (under bf16), and their fp32 gradient
-    logits = T * v_local * (e + (4 if e != 4 else 0) + 4)
-    parts = {"logits": logits}
+    parts = {}
+    if stage.last:  # logits in the matmul dtype, their fp32 copy for the loss (under bf16), their fp32 gradient
+        parts["logits"] = T * v_local * (e + (4 if e != 4 else 0) + 4)
+    if layout.pp > 1:  # a received activation and a received gradient
+        parts["p2p_buffers"] = 2 * p2p_message_bytes(layout.micro_batch, layout.seq_len, m.dim, t, layout.sp)
     if layout.dp > 1:  # one gradient bucket being reduced while backward goes on
         parts["dp_bucket"] = min(layout.bucket_size, psi) * g
     if t > 1:  # the gathered input of a column-parallel group, and the next one in flight (overlap)
@@ -207,14 +240,25 @@ class MemoryPlan:
         return max(self.train_peak, self.step_peak)
 
 
-def memory_plan(layout: Layout, reserve: int, zero_stage: int | None = None) -> MemoryPlan:
-    """The per-GPU memory of `layout` (at its own ZeRO stage unless one is given)."""
-    stage = layout.zero_stage if zero_stage is None else zero_stage
-    states = state_bytes(layout, stage)
-    psi = trainable_parameters(layout)
-    optimizer_params = -(-psi // layout.dp) if stage >= 1 else psi
+def stage_memory_plan(layout: Layout, reserve: int, zero_stage: int, stage: Stage) -> MemoryPlan:
+    """The memory of one GPU of pipeline `stage` at ZeRO stage `zero_stage`."""
+    states = state_bytes(layout, zero_stage, stage)
+    psi = trainable_parameters(layout, stage)
+    optimizer_params = -(-psi // layout.dp) if zero_stage >= 1 else psi
     step = {"adam_temporaries": optimizer_params * ADAM_STEP_TEMP_BYTES}
-    if stage in (1, 2) and layout.dp > 1:  # the updated weights are all-gathered in buckets
+    if zero_stage in (1, 2) and layout.dp > 1:  # the updated weights are all-gathered in buckets
         step["allgather_bucket"] = min(layout.bucket_size, psi) * STATE_BYTES[layout.precision][0]
-    return MemoryPlan(states=states, activations=activation_bytes(layout),
-                      buffers=buffer_bytes(layout, stage, reserve), step_temporaries=step)
+    return MemoryPlan(states=states, activations=activation_bytes(layout, stage),
+                      buffers=buffer_bytes(layout, zero_stage, reserve, stage), step_temporaries=step)
+
+
+def memory_plans(layout: Layout, reserve: int, zero_stage: Optional[int] = None) -> tuple[MemoryPlan, ...]:
+    """Every pipeline rank's memory (one plan without pipeline parallelism), at the layout's ZeRO stage
+    unless one is given."""
+    zero = layout.zero_stage if zero_stage is None else zero_stage
+    return tuple(stage_memory_plan(layout, reserve, zero, stage) for stage in layout.stages)
+
+
+def memory_plan(layout: Layout, reserve: int, zero_stage: Optional[int] = None) -> MemoryPlan:
+    """The per-GPU memory of `layout` on its fullest GPU: the pipeline rank with the highest peak."""
+    return max(memory_plans(layout, reserve, zero_stage), key=lambda plan: plan.peak)

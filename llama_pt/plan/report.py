@@ -18,7 +18,7 @@ from ..config import ACTIVATION_MODES, ZERO_STAGES, RunConfig, count_parameters
 from .hardware import Accelerator, cpu_host, gpu_from_device_name
 from .layout import Layout, layout_from_config
 from ..adapters.nf4 import NF4_BYTES_PER_PARAMETER
-from .memory import STATE_BYTES, MemoryPlan, memory_plan, trainable_parameters
+from .memory import STATE_BYTES, MemoryPlan, memory_plan, memory_plans, trainable_parameters
 from .throughput import StepTime, step_time
 
 GIB = 1024 ** 3
@@ -33,6 +33,12 @@ class Plan:
     by_activation: dict[str, int]        # peak bytes with each activation mode (others as configured)
     time: Optional[StepTime]             # None when the accelerator has no timing data (CPU, unknown GPU) or
                                          # under PEFT (the time model is full training's)
+    stage_peaks: tuple[int, ...] = ()    # peak bytes of each pipeline rank (one entry without PP)
+
+    @property
+    def fullest_stage(self) -> int:
+        """The pipeline rank whose memory `memory` is (the one with the highest peak)."""
+        return max(range(len(self.stage_peaks)), key=self.stage_peaks.__getitem__) if self.stage_peaks else 0
 
     @property
     def fits(self) -> bool:
@@ -60,22 +66,33 @@ class Plan:
                "states": self.memory.states, "activations": self.memory.activations,
                "buffers": self.memory.buffers, "step_temporaries": self.memory.step_temporaries,
                "by_zero_stage": self.by_zero_stage, "by_activation": self.by_activation}
+        if self.layout.pp > 1:
+            out.update(pipeline_parallel=self.layout.pp, virtual_stages=self.layout.vp,
+                       pipeline_schedule=self.layout.schedule, stage_layers=[s.chunk_layers for s in self.layout.stages],
+                       stage_peak_bytes=list(self.stage_peaks), bubble=self.layout.bubble)
         if self.time is not None:
             out.update(step_seconds=self.time.seconds, hidden_seconds=self.time.hidden, step_time=self.time.step,
                        tokens_per_s_per_gpu=self.time.tokens_per_s_per_gpu, mfu=self.time.mfu, hfu=self.time.hfu,
                        tp_bytes_per_step=self.layout.grad_accum * (self.time.tp.forward + self.time.tp.backward),
-                       dp_bytes_per_step=self.time.dp.total)
+                       dp_bytes_per_step=self.time.dp.total, p2p_bytes_per_step=self.time.p2p_bytes)
         return out
 
 
 def make_plan(cfg: Union[RunConfig, Mapping[str, Any]], gpu: Accelerator, world_size: int, gpus_per_node: int,
-              device_type: str = "cuda") -> Plan:
-    layout = layout_from_config(cfg, world_size, gpus_per_node, device_type)
-    memory = memory_plan(layout, gpu.reserve_bytes)
+              device_type: str = "cuda", pipeline: Optional[Mapping[str, Any]] = None) -> Plan:
+    """`pipeline`: parallel.pipeline_* settings by name (llama_pt.plan.layout.PIPELINE_DEFAULTS)."""
+    layout = layout_from_config(cfg, world_size, gpus_per_node, device_type, pipeline)
+    return plan_layout(layout, gpu)
+
+
+def plan_layout(layout: Layout, gpu: Accelerator) -> Plan:
+    """The plan of a layout already built (make_plan, or the search's candidates)."""
+    plans = memory_plans(layout, gpu.reserve_bytes)
+    memory = max(plans, key=lambda plan: plan.peak)
     by_stage = {s: memory_plan(layout, gpu.reserve_bytes, zero_stage=s).peak for s in (0, 1, 2, 3)}
     by_mode = {a: memory_plan(replace(layout, activation=a), gpu.reserve_bytes).peak for a in ACTIVATION_MODES}
     timing = step_time(layout, gpu) if gpu.has_timing and layout.peft.method == "none" else None
-    return Plan(layout, gpu, memory, by_stage, by_mode, timing)
+    return Plan(layout, gpu, memory, by_stage, by_mode, timing, tuple(plan.peak for plan in plans))
 
 
 def check_fits(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int, device, gpus_per_node: Optional[int] = None) -> Plan:
@@ -101,9 +118,26 @@ def _table(rows: list[tuple[str, str]], indent: str = "  ") -> list[str]:
     return [f"{indent}{label.ljust(width)}  {value}" for label, value in rows]
 
 
+def _pipeline_lines(plan: Plan) -> list[str]:
+    """The stage split, in-flight micro-batches and bubble, and every rank's peak (pipeline parallelism only)."""
+    lay = plan.layout
+    if lay.pp == 1:
+        return []
+    v = f" x {lay.vp} chunks" if lay.vp > 1 else ""
+    lines = [f"pipeline: {lay.pp} stages{v}, {lay.schedule}, {lay.grad_accum} micro-batches per step: bubble "
+             f"{lay.bubble:.1%}; embedding = {lay.embedding_layers:g} layers, head = {lay.head_layers:g} layers "
+             f"in the split"]
+    for s, peak in zip(lay.stages, plan.stage_peaks):
+        ends = (" + embedding" if s.first else "") + (" + head" if s.last else "")
+        chunks = "+".join(map(str, s.chunk_layers))
+        lines.append(f"  stage {s.rank:3d}: layers {chunks}{ends}, micro-batches in flight "
+                     f"{'+'.join(map(str, s.in_flight))}, peak {peak / GIB:.2f} GiB")
+    return lines + [""]
+
+
 def _memory_lines(plan: Plan) -> list[str]:
     lay, mem, gib = plan.layout, plan.memory, lambda b: f"{b / GIB:8.2f}"  # noqa: E731
-    psi = trainable_parameters(lay)
+    psi = trainable_parameters(lay, lay.stages[plan.fullest_stage])
     w, g, o = STATE_BYTES[lay.precision]
     opt = "fp32 master + Adam m, v" if lay.precision == "bf16" else "Adam m, v"
     def sharded(stage: int) -> str:
@@ -119,7 +153,8 @@ def _memory_lines(plan: Plan) -> list[str]:
                  gib(mem.states["weights"]))]
     rows += [(f"gradients ({g} B{sharded(2)})", gib(mem.states["gradients"])),
             (f"optimizer ({opt}: {o} B{sharded(1)})", gib(mem.states["optimizer"])),
-            (f"activations ({lay.activation}, one micro-batch of {lay.micro_batch} x {lay.seq_len})",
+            (f"activations ({lay.activation}, {'in-flight micro-batches' if lay.pp > 1 else 'one micro-batch'} of "
+             f"{lay.micro_batch} x {lay.seq_len})",
              gib(sum(mem.activations.values())))]
     rows += [(f"  {name}", gib(v)) for name, v in mem.activations.items()]
     rows += [("temporary buffers", gib(sum(mem.buffers.values())))]
@@ -129,7 +164,8 @@ def _memory_lines(plan: Plan) -> list[str]:
                  f"{k} {v / GIB:.2f}" for k, v in mem.step_temporaries.items()) + ")"),
              (f"capacity of {plan.gpu.name}", gib(plan.gpu.memory_bytes) + ("  -> fits" if plan.fits else
               "  -> DOES NOT FIT") + f" ({mem.peak / plan.gpu.memory_bytes:.0%} used)")]
-    lines = ["memory per GPU (GiB)"] + _table(rows)
+    where = f" on pipeline stage {plan.fullest_stage}, the fullest" if lay.pp > 1 else ""
+    lines = [f"memory per GPU (GiB){where}"] + _table(rows)
     fit = lambda b: "fits" if b <= plan.gpu.memory_bytes else "no"  # noqa: E731
     lines.append("  peak by ZeRO stage:      " + "   ".join(
         f"{s}: {b / GIB:.1f} ({fit(b)})" for s, b in plan.by_zero_stage.items()))
@@ -152,7 +188,9 @@ def _time_lines(plan: Plan) -> list[str]:
               "elementwise": f"elementwise ops ({gpu.hbm_bw / 1e12:.2f} TB/s x {gpu.hbm_eff:.2f})",
               "optimizer": "optimizer step",
               "tp_comm_exposed": f"TP communication exposed ({link_bw[tm.tp_link]})",
-              "dp_comm_exposed": f"DP communication exposed ({link_bw[tm.dp_link]})"}
+              "dp_comm_exposed": f"DP communication exposed ({link_bw[tm.dp_link]})",
+              "p2p_comm_exposed": f"pipeline send/receive ({link_bw.get(tm.p2p_link, '')})",
+              "pipeline_bubble": f"pipeline bubble ({tm.bubble:.1%} of the pipelined part)"}
     rows = [(labels[k], f"{v:8.3f} s  {v / step:6.1%}") for k, v in tm.seconds.items()]
     rows.append(("step", f"{step:8.3f} s"))
     k = lay.grad_accum
@@ -165,6 +203,9 @@ def _time_lines(plan: Plan) -> list[str]:
           + (f" + {tm.dp.gathers} x all-gather {gb(tm.dp.gather_each)}" if tm.dp.gathers else "")
           + f"; {tm.hidden['dp_comm']:.3f} s hidden behind backward" if lay.dp > 1 else "DP none (one replica)")
     comm = [f"communication per GPU per step: {tp}", f"  {dp}"]
+    if lay.pp > 1:
+        comm.append(f"  P2P {gb(tm.p2p_bytes)} over {tm.p2p_link} (activations forward, gradients backward; "
+                    f"stage {tm.slowest_stage}, the slowest, paces the pipeline)")
     rows_tp = [f"throughput: {tm.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
                f"{tm.tokens_per_s_per_gpu * lay.world_size:,.0f} tokens/s in all; "
                f"MFU {tm.mfu:.1%} (FLOPs executed, with recomputation and causal skipping: {tm.hfu:.1%} of peak)"]
@@ -179,11 +220,12 @@ def format_report(plan: Plan, steps: Optional[int] = None) -> str:
             else "")
     head = [f"plan: {n / 1e9:.2f}B-parameter LLaMA ({lay.model.n_layers} layers, dim {lay.model.dim}) on "
             f"{lay.nodes} node(s) x {lay.gpus_per_node} = {lay.world_size} x {gpu.name}",
-            f"layout: TP {lay.tp}{sp}{' (overlap)' if lay.overlap and lay.tp > 1 else ''} x DP {lay.dp}, "
+            f"layout: TP {lay.tp}{sp}{' (overlap)' if lay.overlap and lay.tp > 1 else ''} x DP {lay.dp}"
+            f"{f' x PP {lay.pp}' if lay.pp > 1 else ''}, "
             f"ZeRO-{lay.zero_stage}, activations {lay.activation}, {lay.precision}; seq {lay.seq_len}, "
             f"micro-batch {lay.micro_batch}, {lay.grad_accum} micro-batches per step, "
             f"{lay.global_batch_tokens:,} tokens per step{peft}", ""]
-    lines = head + _memory_lines(plan) + [""] + _time_lines(plan)
+    lines = head + _pipeline_lines(plan) + _memory_lines(plan) + [""] + _time_lines(plan)
     if steps and plan.time is not None:
         hours = steps * plan.time.step / 3600
         lines.append(f"train.steps={steps:,}: {steps * lay.global_batch_tokens:.3g} tokens in {hours:,.1f} h "
