@@ -1,26 +1,34 @@
-"""The planner's pipeline parallelism: the stage split, the schedules' bubble and in-flight micro-batches against
-Narayanan et al. 2021 and Korthikanti et al. 2022, stage memory and P2P volume, the step time, the layout search,
-and the prediction against Megatron-LM's published weak-scaling runs."""
+"""The planner's pipeline parallelism: the stage split (the trainer's), the schedules' bubble and in-flight
+micro-batches against Narayanan et al. 2021 and Korthikanti et al. 2022, stage memory and P2P volume, the step
+time, the layout search, and the prediction against Megatron-LM's published weak-scaling runs."""
+import math
 import time
 
 import pytest
 
-from llama_pt.config import ConfigError, compose_config
+from llama_pt.config import ConfigError, compose_config, resolve
+from llama_pt.config.pipeline import chunk_costs, stage_layers
 from llama_pt.plan import get_gpu, local_parameters, make_plan
 from llama_pt.plan.__main__ import main
 from llama_pt.plan.layout import layout_from_config
 from llama_pt.plan.memory import activation_bytes, memory_plan
-from llama_pt.plan.pipeline import bubble_fraction, in_flight, stage_layers
+from llama_pt.plan.pipeline import bubble_fraction, in_flight
 from llama_pt.plan.report import plan_layout
-from llama_pt.plan.search import search
+from llama_pt.plan.search import search, with_layout
 
 PAPER_65B = ["+experiment=llama1_65b", "parallel=tp8", "parallel.sequence_parallel=true",
              "parallel.zero_stage=1", "++model.activation=selective"]
-EVEN = dict(pipeline_embedding_layers=0.0, pipeline_head_layers=0.0)  # Megatron's split: layers only
+EVEN = ["parallel.pipeline_embedding_layers=0", "parallel.pipeline_head_layers=0"]  # Megatron's split: layers only
+UNSHARDED = ["parallel.zero_stage=0"]  # the trainer refuses ZeRO with virtual stages
 
 
-def pipe(p, schedule="1f1b", v=1, **extra):
-    return dict(pipeline_parallel=p, virtual_stages=v, pipeline_schedule=schedule, **extra)
+def pipe(p, schedule="1f1b", v=1):
+    """The pipeline's Hydra overrides: the run's own parallel.* fields."""
+    return [f"parallel.pipeline_parallel={p}", f"parallel.virtual_stages={v}", f"parallel.pipeline_schedule={schedule}"]
+
+
+def run65(*overrides):
+    return compose_config(PAPER_65B + [o for group in overrides for o in group])
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +36,38 @@ def cfg65():
     return compose_config(PAPER_65B)
 
 
-def test_stage_split_balances_layers_with_the_embedding_and_head():
-    assert stage_layers(80, 8, 0, 0) == [10] * 8
-    split = stage_layers(80, 8)  # embedding and head each weigh one layer: 82 over 8 stages
-    assert split == [9, 11, 10, 10, 10, 11, 10, 9] and sum(split) == 80
-    loads = [n + (i == 0) + (i == 7) for i, n in enumerate(split)]
-    assert max(loads) - 82 / 8 < 1 and 82 / 8 - min(loads) < 1
-    assert stage_layers(105, 35, 0, 0) == [3] * 35
-    assert sum(stage_layers(7, 3, 2.5, 0.5)) == 7 and stage_layers(7, 3, 2.5, 0.5)[0] < stage_layers(7, 3, 2.5, 0.5)[2]
-    with pytest.raises(ConfigError):
-        stage_layers(8, 0)
+def test_planner_split_is_the_trainers():
+    """Each pipeline rank's chunks are llama_pt.config.pipeline.stage_layers over p V chunks, chunk k on rank
+    k % p: the split train.py runs, for the same parallel.* fields."""
+    base = compose_config(PAPER_65B)
+    cases = [(80, 8, 1, 1.0, 1.0), (80, 4, 2, 1.0, 1.0), (30, 3, 1, 2.5, 0.5), (7, 3, 1, 0.0, 4.0),
+             (48, 4, 3, 0.5, 2.0), (105, 35, 1, 0.0, 0.0), (13, 4, 3, 1.0, 1.0)]
+    for n_layers, p, v, emb, head in cases:
+        parallel = {**base["parallel"], "pipeline_parallel": p, "virtual_stages": v, "zero_stage": 0,
+                    "pipeline_schedule": "interleaved_1f1b" if v > 1 else "1f1b",
+                    "pipeline_embedding_layers": emb, "pipeline_head_layers": head}
+        cfg = {**base, "model": {**base["model"], "n_layers": n_layers}, "parallel": parallel}
+        lay = layout_from_config(cfg, 8 * p, 8)   # TP 8 x PP p, one data-parallel rank: m = 2048
+        split = stage_layers(n_layers, p * v, emb, head)
+        assert [s.chunk_layers for s in lay.stages] == [tuple(len(split[k]) for k in range(r, p * v, p))
+                                                        for r in range(p)]
+        assert [(s.first, s.last) for s in lay.stages] == [(r == 0, r == p - 1) for r in range(p)]
+        assert sum(s.layers for s in lay.stages) == n_layers
+
+
+def test_stage_split_minimises_the_largest_chunk():
+    """LLaMA-65B's 80 layers over 8 stages, embedding and head one layer each: 82 layer-costs over 8 chunks,
+    so the largest is at least ceil(82/8) = 11; the most even split with that maximum has two chunks of 11 and
+    six of 10 (2 x 11 + 6 x 10 = 82), and earlier chunks take the larger share: 10 layers + embedding, then 11,
+    then 10s, and 9 + head."""
+    split = [s.layers for s in layout_from_config(run65(pipe(8)), 2048, 8).stages]
+    assert split == [10, 11, 10, 10, 10, 10, 10, 9]
+    costs = [n + (i == 0) + (i == 7) for i, n in enumerate(split)]
+    assert max(costs) == math.ceil(82 / 8) == 11 and sorted(costs) == [10] * 6 + [11] * 2
+    # layers only (Megatron's even split), and a split that does not divide
+    even = layout_from_config(run65(pipe(8), EVEN), 2048, 8)
+    assert [s.layers for s in even.stages] == [10] * 8
+    assert max(chunk_costs(stage_layers(80, 8))) == 11
 
 
 def test_bubble_is_narayanan_sec_2_2():
@@ -66,20 +96,19 @@ def test_stage_memory_first_stage_holds_a_whole_models_activations(cfg65):
     """Korthikanti et al. 2022, Sec. 4.2.3: under 1F1B the first stage keeps p micro-batches of L/p layers, as
     much as one micro-batch of all L layers; interleaved keeps L (1 + (p-1)/(p V))."""
     whole = activation_bytes(layout_from_config(cfg65, 2048, 8))["layers"]
-    lay = layout_from_config(cfg65, 2048, 8, pipeline=pipe(4, **EVEN))
+    lay = layout_from_config(run65(pipe(4), EVEN), 2048, 8)
     assert activation_bytes(lay, lay.stages[0])["layers"] == whole
     assert activation_bytes(lay, lay.stages[3])["layers"] == whole / 4
-    inter = layout_from_config(cfg65, 2048, 8, pipeline=pipe(4, "interleaved_1f1b", 2, **EVEN))
+    inter = layout_from_config(run65(pipe(4, "interleaved_1f1b", 2), EVEN, UNSHARDED), 2048, 8)
     assert activation_bytes(inter, inter.stages[0])["layers"] == pytest.approx(whole * (1 + 3 / 8))
-    gpipe = layout_from_config(cfg65, 2048, 8, pipeline=pipe(4, "gpipe", **EVEN))
+    gpipe = layout_from_config(run65(pipe(4, "gpipe"), EVEN), 2048, 8)
     assert activation_bytes(gpipe, gpipe.stages[0])["layers"] == whole / 4 * gpipe.grad_accum
     # the loss and head input live on the last stage only
     assert activation_bytes(lay, lay.stages[0])["loss"] == 0 < activation_bytes(lay, lay.stages[3])["loss"]
 
 
 def test_stage_states_partition_the_model(cfg65):
-    lay = layout_from_config(cfg65, 2048, 8, pipeline=pipe(8))
-    assert [s.layers for s in lay.stages] == stage_layers(80, 8)
+    lay = layout_from_config(run65(pipe(8)), 2048, 8)
     assert sum(local_parameters(lay.model, 8, s) for s in lay.stages) == local_parameters(lay.model, 8)
     assert lay.dp == 2048 // (8 * 8) and lay.grad_accum == 4 * 1024 ** 2 // (2048 * lay.dp)
     plan = memory_plan(lay, 1 << 30)
@@ -88,7 +117,7 @@ def test_stage_states_partition_the_model(cfg65):
 
 
 def test_p2p_volume_and_step_composition(cfg65):
-    plan = make_plan(cfg65, get_gpu("a100_80gb"), 2048, 8, pipeline=pipe(4, "interleaved_1f1b", 2))
+    plan = make_plan(run65(pipe(4, "interleaved_1f1b", 2), UNSHARDED), get_gpu("a100_80gb"), 2048, 8)
     lay, tm = plan.layout, plan.time
     m, t = lay.grad_accum, 8
     message = 2048 * 8192 * 4 // t  # b s h fp32 residual, 1/t under sequence parallelism
@@ -100,24 +129,35 @@ def test_p2p_volume_and_step_composition(cfg65):
     assert tm.bubble == pytest.approx(3 / (2 * m + 3))
     flat = make_plan(cfg65, get_gpu("a100_80gb"), 2048, 8).time
     assert "pipeline_bubble" not in flat.seconds and flat.p2p_bytes == 0
-    # the slowest rank paces the step: 8 virtual stages of [9, 11, 10, 10, 10, 11, 10, 9] layers give rank 1
-    # chunks 1 and 5, 22 layers, over four times the micro-batches of the flat run
-    assert [s.layers for s in lay.stages] == [19, 22, 20, 19] and tm.slowest_stage == 1
-    assert tm.seconds["gemm"] == pytest.approx(flat.seconds["gemm"] * 4 * 22 / 80, rel=0.01)
+    # the slowest rank paces the step: 8 chunks of [10, 11, 10, 10, 10, 10, 10, 9] layers (82 over 8, at most
+    # 11) give rank 1 chunks 1 and 5, 21 layers, over four times the micro-batches of the flat run
+    assert [s.layers for s in lay.stages] == [20, 21, 20, 19] and tm.slowest_stage == 1
+    assert tm.seconds["gemm"] == pytest.approx(flat.seconds["gemm"] * 4 * 21 / 80, rel=0.01)
 
 
-def test_pipeline_settings_are_checked(cfg65):
-    with pytest.raises(ConfigError, match="does not divide the world size"):
-        layout_from_config(cfg65, 2048, 8, pipeline=pipe(3))
-    with pytest.raises(ConfigError, match="multiple of parallel.pipeline_parallel"):
-        layout_from_config(compose_config(PAPER_65B + ["train.micro_batch_size=16"]), 2048, 8,
-                           pipeline=pipe(4, "interleaved_1f1b", 2))  # m = 2 micro-batches, p = 4
-    with pytest.raises(ConfigError, match="virtual_stages"):
-        layout_from_config(cfg65, 2048, 8, pipeline=pipe(4, "1f1b", 2))
-    with pytest.raises(ConfigError, match="pipeline_schedule"):
-        layout_from_config(cfg65, 2048, 8, pipeline=pipe(4, "zigzag"))
-    with pytest.raises(ConfigError, match="not a pipeline setting"):
-        layout_from_config(cfg65, 2048, 8, pipeline={"pipeline_stages": 4})
+def test_pipeline_settings_are_the_configs_and_its_checks(cfg65):
+    """The planner refuses what the trainer refuses, with the config layer's one-line errors."""
+    def refused(match, *overrides, cfg=None, device_type="cuda"):
+        with pytest.raises(ConfigError, match=match):
+            layout_from_config(cfg or run65(*overrides), 2048, 8, device_type)
+    refused("does not divide the world size", pipe(3))
+    refused("needs at least parallel.pipeline_parallel=4 micro-batches", pipe(4), ["train.micro_batch_size=16"])
+    refused("multiple of parallel.pipeline_parallel", pipe(4, "interleaved_1f1b", 2), UNSHARDED,
+            ["train.global_batch_tokens=786432"])  # 384 sequences over d = 64: m = 6, p = 4
+    refused("parallel.zero_stage=2 with parallel.pipeline_parallel=4", pipe(4), ["parallel.zero_stage=2"])
+    refused("parallel.zero_stage=1 with parallel.pipeline_parallel=4 and parallel.virtual_stages=2",
+            pipe(4, "interleaved_1f1b", 2))
+    refused("virtual_stages=2 needs parallel.pipeline_schedule=interleaved_1f1b", pipe(4, "1f1b", 2))
+    refused("pipeline_schedule", pipe(4, "zigzag"))
+    refused("parallel.pipeline_stages is not a known field",
+            cfg={**cfg65, "parallel": {**cfg65["parallel"], "pipeline_stages": 4}})
+    refused("interleaved_1f1b with parallel.pipeline_parallel=2 is unsupported on nccl",
+            pipe(2, "interleaved_1f1b", 2), UNSHARDED)
+    layout_from_config(run65(pipe(2, "interleaved_1f1b", 2), UNSHARDED), 2048, 8, "cpu")  # gloo matches tags
+    assert layout_from_config(run65(pipe(4)), 2048, 8).zero_stage == 1  # ZeRO-1, one chunk per stage: allowed
+    # a run resolved by the trainer plans the same as its composed config
+    cfg = run65(pipe(4, "gpipe"))
+    assert layout_from_config(resolve(cfg, 2048), 2048, 8) == layout_from_config(cfg, 2048, 8)
 
 
 # Narayanan et al. 2021 (arXiv:2104.04473), Table 1, the runs with pipeline parallelism: GPT models, vocabulary
@@ -139,8 +179,9 @@ def megatron_prediction(heads, h, layers, tp, pp, gpus, batch):
     cfg = compose_config(["model=llama1_65b", f"model.dim={h}", f"model.n_layers={layers}", f"model.n_heads={heads}",
                           f"model.vocab_size={v}", f"train.seq_len={s}", f"train.global_batch_tokens={batch * s}",
                           "train.micro_batch_size=1", f"parallel.tensor_parallel={tp}",
-                          "parallel.sequence_parallel=true", "++model.activation=full", "parallel.zero_stage=0"])
-    plan = make_plan(cfg, get_gpu("a100_80gb"), gpus, 8, pipeline=pipe(pp, **EVEN))
+                          "parallel.sequence_parallel=true", "++model.activation=full", "parallel.zero_stage=0",
+                          *pipe(pp), *EVEN])
+    plan = make_plan(cfg, get_gpu("a100_80gb"), gpus, 8)
     assert plan.fits
     flops = 96 * batch * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
     return flops / (plan.time.step * gpus) / 1e12
@@ -177,14 +218,33 @@ def test_search_ranks_fitting_layouts_fast():
     assert plan_layout(best.layout, gpu).memory.peak == best.peak
     # 1,024 GPUs cannot hold 70B unsharded without model parallelism: no TP 1, PP 1, ZeRO-0 layout fits
     assert not [r for r in ranked if r.layout.tp == r.layout.pp == 1 and r.layout.zero_stage == 0]
+    # nothing the trainer refuses: ZeRO-2 with PP, ZeRO with V > 1, fewer micro-batches than stages under 1F1B,
+    # interleaved on two stages over NCCL; and every layout is its config's, as train.py resolves it
+    lays = [r.layout for r in ranked]
+    assert not [lay for lay in lays if lay.pp > 1 and lay.zero_stage > 1]
+    assert not [lay for lay in lays if lay.vp > 1 and lay.zero_stage > 0]
+    assert not [lay for lay in lays if lay.schedule != "gpipe" and lay.grad_accum < lay.pp]
+    assert not [lay for lay in lays if lay.pp == 2 and lay.schedule == "interleaved_1f1b"]
+    assert {lay.zero_stage for lay in lays if lay.pp > 1} == {0, 1}
+    for lay in lays[:20]:
+        run = resolve(with_layout(cfg, lay.tp, lay.pp, lay.vp, lay.schedule, lay.zero_stage, lay.micro_batch,
+                                  lay.activation), 1024)
+        assert run.parallel == lay.parallel
 
 
 def test_cli_pipeline_and_search(capsys):
-    assert main(PAPER_65B + ["gpu=a100_80gb", "nodes=256", "pp=4", "schedule=interleaved_1f1b", "vp=2"]) == 0
+    long_names = pipe(4, "interleaved_1f1b", 2) + UNSHARDED
+    assert main(PAPER_65B + UNSHARDED + ["gpu=a100_80gb", "nodes=256", "pp=4", "schedule=interleaved_1f1b",
+                                         "vp=2"]) == 0
     out = capsys.readouterr().out
     assert "x PP 4" in out and "pipeline bubble" in out and "stage   3: layers" in out and "P2P" in out
+    # the short names are the config fields: the same report
+    assert main(PAPER_65B + long_names + ["gpu=a100_80gb", "nodes=256"]) == 0
+    assert capsys.readouterr().out == out
     assert main(PAPER_65B + ["gpu=a100_80gb", "nodes=256", "parallel.pipeline_parallel=4", "vp=2"]) == 2
     assert "interleaved_1f1b" in capsys.readouterr().err
+    assert main(PAPER_65B + ["gpu=a100_80gb", "nodes=256", "pp=4", "schedule=interleaved_1f1b", "vp=2"]) == 2
+    assert "parallel.zero_stage=1 with parallel.pipeline_parallel=4" in capsys.readouterr().err
     assert main(["search", "+experiment=llama1_65b", "gpu=a100_80gb", "nodes=256", "top=5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "layouts fit on 2048" in out[0] and out[1].split()[:3] == ["rank", "TP", "PP"] and len(out) == 7

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .fields import ConfigError
 from .model import ModelConfig
-from .sections import ParallelConfig, TrainConfig
+from .sections import COMM_BACKENDS, ParallelConfig, TrainConfig, check_choice
 
 
 def validate_layout(world_size: int, cfg: ParallelConfig, model: ModelConfig, seq_len: int,
@@ -69,3 +69,22 @@ def validate_pipeline_run(cfg: ParallelConfig, train: TrainConfig, micro_batches
     if train.sample_tokens:
         raise ConfigError(f"train.sample_tokens={train.sample_tokens} is not supported with "
                           f"parallel.pipeline_parallel={p} yet (set it to 0; sample from the exported model)")
+
+
+def comm_backend(name: str, device_type: str) -> str:
+    """parallel.backend on a device of `device_type`: `auto` -> nccl on cuda, gloo elsewhere; nccl needs cuda."""
+    check_choice(name, COMM_BACKENDS, "parallel.backend")
+    if name == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if name == "nccl" and device_type != "cuda":
+        raise ConfigError(f"parallel.backend=nccl needs CUDA, but the device is {device_type}")
+    return name
+
+
+def validate_pipeline_transfers(cfg: ParallelConfig, backend: str) -> None:
+    """Refuse the one pipeline layout whose transfers rely on tags NCCL ignores: interleaved 1F1B on two stages,
+    where one direction between the two ranks carries both activations and gradients (docs/parallelism.md)."""
+    if backend == "nccl" and cfg.pipeline_parallel == 2 and cfg.pipeline_schedule == "interleaved_1f1b":
+        raise ConfigError("parallel.pipeline_schedule=interleaved_1f1b with parallel.pipeline_parallel=2 is "
+                          "unsupported on nccl (its transfers are matched by tag, which NCCL ignores): use 1f1b, "
+                          "or at least 3 stages")

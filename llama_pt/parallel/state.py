@@ -28,19 +28,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import COMM_BACKENDS, ConfigError, ModelConfig, ParallelConfig
-from ..config.sections import check_choice
+from ..config import ModelConfig, ParallelConfig
+from ..config.layout import comm_backend
 from .inflight import compact_ranks
 
 
 def resolve_comm_backend(name: str, device: torch.device) -> str:
-    """parallel.backend on `device`: `auto` -> nccl on CUDA, gloo on CPU; an explicit choice must match."""
-    check_choice(name, COMM_BACKENDS, "parallel.backend")
-    if name == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
-    if name == "nccl" and device.type != "cuda":
-        raise ConfigError(f"parallel.backend=nccl needs CUDA, but the device is {device.type}")
-    return name
+    """parallel.backend on `device` (llama_pt.config.layout.comm_backend)."""
+    return comm_backend(name, device.type)
 
 
 class ParallelState:

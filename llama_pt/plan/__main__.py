@@ -1,11 +1,12 @@
 """`python -m llama_pt.plan <train.py's Hydra overrides> gpu=h100 nodes=N [gpus_per_node=8] [ib_gbps=400] [--json]`
 `python -m llama_pt.plan search <Hydra overrides: model, train.seq_len, train.global_batch_tokens> gpu=h100 nodes=N [top=10]`
 
-Composes the same config as train.py (configs/) and prints the plan. Pipeline parallelism: pp= (or
-parallel.pipeline_parallel=), vp= (parallel.virtual_stages=), schedule= (parallel.pipeline_schedule=),
-parallel.pipeline_embedding_layers=, parallel.pipeline_head_layers=. `search` prints the best layouts that fit
-(llama_pt.plan.search). Exit status: 0 when the run fits in the GPU's memory (search: when some layout fits),
-1 when it does not, 2 for a bad config or argument.
+Composes the same config as train.py (configs/) and prints the plan. Pipeline parallelism is the config's:
+parallel.pipeline_parallel=, parallel.virtual_stages=, parallel.pipeline_schedule=,
+parallel.pipeline_embedding_layers=, parallel.pipeline_head_layers= (Hydra overrides like any other);
+pp=, vp= and schedule= are short for the first three (ALIASES). `search` prints the best layouts that fit
+(llama_pt.plan.search; it sets the parallel.* fields itself). Exit status: 0 when the run fits in the GPU's
+memory (search: when some layout fits), 1 when it does not, 2 for a bad config or argument.
 """
 from __future__ import annotations
 
@@ -15,25 +16,26 @@ from typing import Any
 
 from ..config import ConfigError, compose_config
 from .hardware import get_gpu
-from .layout import PIPELINE_DEFAULTS
 from .report import format_report, make_plan
 from .search import format_table, search
 
-OWN_KEYS = {"gpu": str, "nodes": int, "gpus_per_node": int, "ib_gbps": float, "top": int,
-            **{f"parallel.{name}": type(default) for name, default in PIPELINE_DEFAULTS.items()}}
+OWN_KEYS = {"gpu": str, "nodes": int, "gpus_per_node": int, "ib_gbps": float, "top": int}
+# short names for config fields: `pp=4` is the Hydra override `parallel.pipeline_parallel=4`
 ALIASES = {"pp": "parallel.pipeline_parallel", "vp": "parallel.virtual_stages", "schedule": "parallel.pipeline_schedule"}
 USAGE = ("usage: python -m llama_pt.plan [search] [Hydra overrides] gpu=h100 nodes=N [gpus_per_node=8] [ib_gbps=...] "
-         "[pp=P vp=V schedule=gpipe|1f1b|interleaved_1f1b] [top=N] [--json]")
+         "[parallel.pipeline_parallel=P (pp=P) parallel.virtual_stages=V (vp=V) parallel.pipeline_schedule=gpipe|1f1b|"
+         "interleaved_1f1b (schedule=)] [top=N] [--json]")
 
 
 def split_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str], bool]:
-    """Planner keys (gpu=, nodes=, pp=, ...) and --json apart from the Hydra overrides."""
+    """Planner keys (gpu=, nodes=, ...) and --json apart from the Hydra overrides (ALIASES spelled out)."""
     own, overrides, as_json = {}, [], False
     for arg in argv:
         key, sep, value = arg.partition("=")
-        key = ALIASES.get(key, key)
         if arg == "--json":
             as_json = True
+        elif sep and key in ALIASES:
+            overrides.append(f"{ALIASES[key]}={value}")
         elif sep and key in OWN_KEYS:
             try:
                 own[key] = OWN_KEYS[key](value)
@@ -74,8 +76,7 @@ def main(argv: list[str]) -> int:
         if searching:
             return run_search(own, cfg, per_node, as_json)
         gpu = get_gpu(own["gpu"], own.get("ib_gbps"))
-        pipeline = {key.split(".", 1)[1]: value for key, value in own.items() if key.startswith("parallel.")}
-        plan = make_plan(cfg, gpu, own["nodes"] * per_node, per_node, pipeline=pipeline)
+        plan = make_plan(cfg, gpu, own["nodes"] * per_node, per_node)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

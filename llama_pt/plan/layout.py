@@ -2,27 +2,23 @@
 
 `layout_from_config(run, world_size, gpus_per_node, device_type)` takes the RunConfig the trainer itself
 resolved, or a composed config dict, which it resolves with the same function (llama_pt.config.resolve:
-fields, the parallel layout, the batch split) so that a config the planner accepts is one train.py
-accepts, and a bad field fails here with the same one-line ConfigError.
+fields, the parallel layout, the batch split, what a pipeline needs of the batch) so that a config the
+planner accepts is one train.py accepts, and a bad field fails here with the same one-line ConfigError.
 
-Pipeline parallelism (`pipeline`, docs/planner.md "Pipeline parallelism") takes the names the parallel config
-will carry: pipeline_parallel (p), virtual_stages (V), pipeline_schedule, pipeline_embedding_layers and
-pipeline_head_layers. Until llama_pt.config.ParallelConfig has them they come as planner arguments, and the
-config is resolved for the W/p ranks of one pipeline stage: the same TP-layout and batch-split checks, over the
-d = W/(t p) data-parallel ranks a pipelined run has.
+The layout's parallel settings are the run's `parallel` section (llama_pt.config.ParallelConfig), pipeline
+parallelism included (parallel.pipeline_parallel, virtual_stages, pipeline_schedule,
+pipeline_embedding_layers, pipeline_head_layers; docs/planner.md "Pipeline parallelism"): the planner has no
+settings, defaults or checks of its own for them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
-from ..config import ConfigError, ModelConfig, PeftConfig, RunConfig, resolve
-from .pipeline import Stage, bubble_fraction, pipeline_stages, validate_pipeline
-
-# parallel.<name> -> default (docs/planner.md, "Pipeline parallelism")
-PIPELINE_DEFAULTS = {"pipeline_parallel": 1, "virtual_stages": 1, "pipeline_schedule": "1f1b",
-                     "pipeline_embedding_layers": 1.0, "pipeline_head_layers": 1.0}
+from ..config import ConfigError, ModelConfig, ParallelConfig, PeftConfig, RunConfig, resolve
+from ..config.layout import comm_backend, validate_pipeline_transfers
+from .pipeline import Stage, bubble_fraction, pipeline_stages
 
 
 @dataclass(frozen=True)
@@ -33,19 +29,58 @@ class Layout:
     global_batch_tokens: int
     world_size: int          # W
     gpus_per_node: int
-    tp: int                  # t
-    sp: bool                 # sequence parallelism (only with t > 1)
-    overlap: bool
-    zero_stage: int
+    parallel: ParallelConfig  # the run's parallel section, as resolved (TP, SP, overlap, ZeRO, pipeline)
     activation: str          # none | selective | full
     precision: str           # bf16 (mixed, fp32 master) | fp32
-    bucket_size: int         # elements per ZeRO reduce / all-gather bucket
     peft: PeftConfig = PeftConfig()  # adapters on a frozen base (method none: full training)
-    pp: int = 1              # p: pipeline stages
-    vp: int = 1              # V: model chunks per stage (interleaved_1f1b)
-    schedule: str = "1f1b"   # gpipe | 1f1b | interleaved_1f1b
-    embedding_layers: float = 1.0  # what the embedding weighs in the stage split, in layers
-    head_layers: float = 1.0       # what the final norm, head and loss weigh
+
+    @property
+    def tp(self) -> int:
+        """t: tensor-parallel ranks."""
+        return self.parallel.tensor_parallel
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism (only with t > 1)."""
+        return self.parallel.sequence_parallel and self.tp > 1
+
+    @property
+    def overlap(self) -> bool:
+        return self.parallel.overlap
+
+    @property
+    def zero_stage(self) -> int:
+        return self.parallel.zero_stage
+
+    @property
+    def bucket_size(self) -> int:
+        """Elements per ZeRO reduce / all-gather bucket."""
+        return self.parallel.bucket_size
+
+    @property
+    def pp(self) -> int:
+        """p: pipeline stages."""
+        return self.parallel.pipeline_parallel
+
+    @property
+    def vp(self) -> int:
+        """V: model chunks per stage (interleaved_1f1b)."""
+        return self.parallel.virtual_stages
+
+    @property
+    def schedule(self) -> str:
+        """gpipe | 1f1b | interleaved_1f1b."""
+        return self.parallel.pipeline_schedule
+
+    @property
+    def embedding_layers(self) -> float:
+        """What the embedding weighs in the stage split, in layers."""
+        return self.parallel.pipeline_embedding_layers
+
+    @property
+    def head_layers(self) -> float:
+        """What the final norm, head and loss weigh in the stage split, in layers."""
+        return self.parallel.pipeline_head_layers
 
     @property
     def dp(self) -> int:
@@ -53,7 +88,8 @@ class Layout:
 
     @cached_property
     def stages(self) -> tuple[Stage, ...]:
-        """Every pipeline rank's layers and in-flight micro-batches (one Stage without pipeline parallelism)."""
+        """Every pipeline rank's layers and in-flight micro-batches (one Stage without pipeline parallelism):
+        the trainer's split (llama_pt.config.pipeline.stage_layers), chunk k on rank k % p."""
         return pipeline_stages(self.model.n_layers, self.pp, self.vp, self.schedule, self.grad_accum,
                                self.embedding_layers, self.head_layers)
 
@@ -94,38 +130,18 @@ def as_run_config(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int) -> 
     return resolve(cfg, world_size)
 
 
-def pipeline_settings(run: RunConfig, pipeline: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """parallel.pipeline_* of the run where its config has them, replaced by the planner's `pipeline` arguments."""
-    given = dict(pipeline or {})
-    unknown = set(given) - set(PIPELINE_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"parallel.{sorted(unknown)[0]} is not a pipeline setting (known: {', '.join(PIPELINE_DEFAULTS)})")
-    return {name: given.get(name, getattr(run.parallel, name, default)) for name, default in PIPELINE_DEFAULTS.items()}
-
-
 def layout_from_config(cfg: Union[RunConfig, Mapping[str, Any]], world_size: int, gpus_per_node: int,
-                       device_type: str = "cuda", pipeline: Optional[Mapping[str, Any]] = None) -> Layout:
-    """The run (resolved, or a composed config dict as OmegaConf.to_container gives it) on world_size ranks;
-    `pipeline`: parallel.pipeline_* settings by name (PIPELINE_DEFAULTS)."""
+                       device_type: str = "cuda") -> Layout:
+    """The run (resolved, or a composed config dict as OmegaConf.to_container gives it) on world_size ranks."""
     if world_size < 1 or gpus_per_node < 1:
         raise ConfigError(f"world size {world_size} and gpus per node {gpus_per_node} must be positive")
-    pp = int((pipeline or {}).get("pipeline_parallel", 1))
-    if pp < 1 or world_size % pp:
-        raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide the world size {world_size}")
-    run = as_run_config(cfg, world_size // pp)
-    pipe = pipeline_settings(run, pipeline)
-    if pipe["pipeline_parallel"] > 1 and run.peft.method != "none":
+    run = as_run_config(cfg, world_size)
+    pcfg = run.parallel
+    if pcfg.pipeline_parallel > 1 and run.peft.method != "none":
         raise ConfigError(f"peft.method={run.peft.method} with parallel.pipeline_parallel > 1 is not planned "
                           f"(the pipeline model is full training's)")
-    pcfg = run.parallel
-    t = pcfg.tensor_parallel
-    layout = Layout(model=run.model, seq_len=run.train.seq_len, micro_batch=run.train.micro_batch_size,
+    validate_pipeline_transfers(pcfg, comm_backend(pcfg.backend, device_type))
+    return Layout(model=run.model, seq_len=run.train.seq_len, micro_batch=run.train.micro_batch_size,
                   global_batch_tokens=run.train.global_batch_tokens, world_size=world_size,
-                  gpus_per_node=gpus_per_node, tp=t, sp=pcfg.sequence_parallel and t > 1,
-                  overlap=pcfg.overlap, zero_stage=pcfg.zero_stage, activation=run.activation,
-                  precision=precision_for(run.train.precision, device_type), bucket_size=pcfg.bucket_size,
-                  peft=run.peft, pp=pipe["pipeline_parallel"], vp=pipe["virtual_stages"],
-                  schedule=pipe["pipeline_schedule"], embedding_layers=pipe["pipeline_embedding_layers"],
-                  head_layers=pipe["pipeline_head_layers"])
-    validate_pipeline(layout.pp, layout.vp, layout.schedule, layout.grad_accum, layout.model.n_layers)
-    return layout
+                  gpus_per_node=gpus_per_node, parallel=pcfg, activation=run.activation,
+                  precision=precision_for(run.train.precision, device_type), peft=run.peft)

@@ -1,5 +1,7 @@
-"""Pipeline parallelism in the planner: the stage split, the schedules' bubble and in-flight micro-batches,
-and the point-to-point volume (docs/planner.md, "Pipeline parallelism").
+"""Pipeline parallelism in the planner: each rank's chunks, the schedules' bubble and in-flight micro-batches,
+and the point-to-point volume (docs/planner.md, "Pipeline parallelism"). The settings, their checks and the
+stage split are the config layer's (llama_pt.config: ParallelConfig, validate_layout / validate_pipeline_run,
+pipeline.stage_layers), so the planner plans the pipeline the trainer runs.
 
 Notation: p pipeline stages (parallel.pipeline_parallel), V model chunks per stage (parallel.virtual_stages;
 Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM",
@@ -7,37 +9,24 @@ arXiv:2104.04473, Sec. 2.2.2), m micro-batches per data-parallel rank per optimi
 
 Process groups (llama_pt.parallel's order): TP innermost, then DP, then PP, so the two ends of a stage
 boundary are t d ranks apart, on the same node only when t d is less than the GPUs of a node.
-Virtual stage j = c p + r is model chunk c of pipeline rank r (Megatron's interleaved assignment: rank r
-holds virtual stages r, r + p, r + 2p, ...).
+Model chunk k runs on pipeline rank k % p (Megatron's interleaved assignment: rank r holds chunks r, r + p,
+r + 2p, ...), as in llama_pt.config.pipeline.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import lru_cache
 
-from ..config import ConfigError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")   # parallel.pipeline_schedule
+from ..config import PIPELINE_SCHEDULES, stage_layers
 
 
-def stage_layers(n_layers: int, stages: int, embedding_layers: float = 1.0, head_layers: float = 1.0) -> list[int]:
-    """Transformer layers of each of `stages` (virtual) stages, in order.
-
-    The embedding counts as `embedding_layers` layers on the first stage and the head as `head_layers` on the
-    last (parallel.pipeline_embedding_layers / pipeline_head_layers). With W = n_layers + embedding_layers +
-    head_layers, stage j ends after layer round((j+1) W / stages - embedding_layers) (clamped to [0, n_layers]):
-    each stage boundary is within half a layer of where an even split of W puts it, so every stage's load is
-    within one layer of W / stages (uneven splits allowed; a stage may hold only the embedding or the head).
-    """
-    if stages < 1 or n_layers < 1:
-        raise ConfigError(f"cannot split {n_layers} layers over {stages} pipeline stages")
-    if embedding_layers < 0 or head_layers < 0:
-        raise ConfigError(f"parallel.pipeline_embedding_layers={embedding_layers} and pipeline_head_layers="
-                          f"{head_layers} must be non-negative")
-    total = n_layers + embedding_layers + head_layers
-    ends = [min(n_layers, max(0, math.floor((j + 1) * total / stages - embedding_layers + 0.5)))
-            for j in range(stages - 1)] + [n_layers]
-    return [end - start for start, end in zip([0] + ends[:-1], ends)]
+@lru_cache(maxsize=1024)
+def chunk_layers(n_layers: int, p: int, v: int = 1, embedding_layers: float = 1.0,
+                 head_layers: float = 1.0) -> tuple[int, ...]:
+    """Transformer layers of each of the p V model chunks, in order: the split the trainer runs
+    (llama_pt.config.pipeline.stage_layers, balanced with the embedding and head weights), as counts.
+    Cached: the split is an exact dynamic programme, and the search asks for the same one many times."""
+    return tuple(len(r) for r in stage_layers(n_layers, p * v, embedding_layers, head_layers))
 
 
 def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
@@ -48,8 +37,8 @@ def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
     of a micro-batch's, so (p-1) / (V m + p - 1). (The paper writes the bubble time over the ideal time,
     (p-1)/m and (p-1)/(V m); this is the same bubble as a share of the whole step.)
     """
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.pipeline_schedule={schedule!r} is unknown (known: {', '.join(SCHEDULES)})")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
     chunks = v if schedule == "interleaved_1f1b" else 1
     return (p - 1) / (chunks * m + p - 1)
 
@@ -111,28 +100,12 @@ def whole_model(n_layers: int) -> Stage:
 
 def pipeline_stages(n_layers: int, p: int, v: int, schedule: str, m: int, embedding_layers: float = 1.0,
                     head_layers: float = 1.0) -> tuple[Stage, ...]:
-    """Every pipeline rank's Stage (stage_layers over p V virtual stages, virtual stage c p + r on rank r)."""
+    """Every pipeline rank's Stage: the trainer's split into p V chunks (chunk_layers), chunk k on rank k % p."""
     if p == 1:
         return (whole_model(n_layers),)
-    split = stage_layers(n_layers, p * v, embedding_layers, head_layers)
-    return tuple(Stage(r, tuple(split[c * p + r] for c in range(v)), r == 0, r == p - 1,
-                       in_flight(schedule, p, m, v, r)) for r in range(p))
-
-
-def validate_pipeline(p: int, v: int, schedule: str, m: int, n_layers: int) -> None:
-    """ConfigError (one line) unless the schedule can run p stages of V chunks on m micro-batches."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.pipeline_schedule={schedule!r} is unknown (known: {', '.join(SCHEDULES)})")
-    if p < 1 or v < 1:
-        raise ConfigError(f"parallel.pipeline_parallel={p} and parallel.virtual_stages={v} must be positive")
-    if v > 1 and schedule != "interleaved_1f1b":
-        raise ConfigError(f"parallel.virtual_stages={v} needs parallel.pipeline_schedule=interleaved_1f1b")
-    if p * v > n_layers:
-        raise ConfigError(f"{p} x {v} pipeline stages exceed the model's {n_layers} layers")
-    if schedule == "interleaved_1f1b" and p > 1 and m % p:
-        # Narayanan et al. 2021, Sec. 2.2.2: the interleaved schedule needs m to be a multiple of p
-        raise ConfigError(f"parallel.pipeline_schedule=interleaved_1f1b needs the micro-batches per step ({m}) "
-                          f"to be a multiple of parallel.pipeline_parallel={p}")
+    split = chunk_layers(n_layers, p, v, embedding_layers, head_layers)
+    return tuple(Stage(r, tuple(split[r::p]), r == 0, r == p - 1, in_flight(schedule, p, m, v, r))
+                 for r in range(p))
 
 
 def p2p_message_bytes(micro_batch: int, seq_len: int, dim: int, tp: int, sequence_parallel: bool) -> int:

@@ -79,9 +79,9 @@ class Plan:
 
 
 def make_plan(cfg: Union[RunConfig, Mapping[str, Any]], gpu: Accelerator, world_size: int, gpus_per_node: int,
-              device_type: str = "cuda", pipeline: Optional[Mapping[str, Any]] = None) -> Plan:
-    """`pipeline`: parallel.pipeline_* settings by name (llama_pt.plan.layout.PIPELINE_DEFAULTS)."""
-    layout = layout_from_config(cfg, world_size, gpus_per_node, device_type, pipeline)
+              device_type: str = "cuda") -> Plan:
+    """The plan of the run `cfg` (pipeline parallelism from its parallel.* fields) on world_size GPUs."""
+    layout = layout_from_config(cfg, world_size, gpus_per_node, device_type)
     return plan_layout(layout, gpu)
 
 

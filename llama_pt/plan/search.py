@@ -4,29 +4,30 @@ model on a cluster, the ones that fit in memory ranked by predicted tokens/s/GPU
     python -m llama_pt.plan search model=llama2_70b train.seq_len=4096 train.global_batch_tokens=4194304 \\
         gpu=h100 nodes=128 [gpus_per_node=8] [top=10]
 
-The model, sequence length, global batch and precision come from the composed config; the layout fields come
-from the enumeration:
+The model, sequence length, global batch and precision come from the composed config; the layout is the
+config's own parallel.* fields (and train.micro_batch_size, model.activation), set for every combination of:
 
-- TP t: the divisors of the GPUs of a node that the model's heads, kv heads, SwiGLU width and vocabulary split
-  over (llama_pt.config.validate_layout), with sequence parallelism whenever t > 1 and overlap on;
-- PP p: the divisors of W / t up to the number of layers; then d = W / (t p) must divide the global batch's
-  sequences and the micro-batch the per-rank sequences (the trainer's batch split);
-- schedule and V: without PP none; with it gpipe, 1f1b, and interleaved_1f1b with V = 2 .. MAX_VIRTUAL chunks
-  (p V at most the layers, m a multiple of p: llama_pt.plan.pipeline.validate_pipeline);
-- ZeRO 0, 1, 2 (the trainer's stages); with PP only 0 and 1: ZeRO-2 reduce-scatters the gradients of every
-  micro-batch, which pipelines interleave (DeepSpeed refuses ZeRO-2/3 with its pipeline engine);
-- micro-batch b in MICRO_BATCHES, activation mode none, selective or full.
+- TP t: the divisors of the GPUs of a node, with sequence parallelism whenever t > 1 and overlap on;
+- PP p: the divisors of W / t;
+- schedule and V: without PP 1f1b; with it gpipe, 1f1b, and interleaved_1f1b with V = 2 .. MAX_VIRTUAL chunks;
+- ZeRO 0, 1, 2 (the trainer's stages);
+- micro-batch b in MICRO_BATCHES, activation mode none, selective or full;
+
+and kept when the run's config resolves for W processes (llama_pt.config.resolve, as train.py resolves it:
+the heads, kv heads, SwiGLU width and vocabulary split over t, W divisible by t p, p V at most the layers,
+d = W / (t p) dividing the batch and b the per-rank sequences, at least p micro-batches under 1F1B and a
+multiple of p interleaved, no ZeRO-2 with PP, no ZeRO with V > 1) and the planner accepts it
+(llama_pt.plan.layout.layout_from_config). So the search proposes only layouts the trainer runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from ..config import ACTIVATION_MODES, ZERO_STAGES, ConfigError, ParallelConfig, validate_layout
+from ..config import ACTIVATION_MODES, ZERO_STAGES, ConfigError
 from .hardware import Accelerator
 from .layout import Layout, layout_from_config
 from .memory import memory_plans
-from .pipeline import validate_pipeline
 from .throughput import StepTime, step_time
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -47,43 +48,39 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _schedules(p: int, m: int, n_layers: int) -> Iterator[tuple[str, int]]:
+def _schedules(p: int) -> Iterator[tuple[str, int]]:
     if p == 1:
         yield "1f1b", 1
         return
     yield "gpipe", 1
     yield "1f1b", 1
     for v in range(2, MAX_VIRTUAL + 1):
-        try:
-            validate_pipeline(p, v, "interleaved_1f1b", m, n_layers)
-        except ConfigError:
-            continue
         yield "interleaved_1f1b", v
 
 
-def candidates(base: Layout, world_size: int, gpus_per_node: int) -> Iterator[Layout]:
-    """Every layout of the enumeration (module docstring) that can run, fitting or not."""
-    model, seq = base.model, base.seq_len
-    sequences = base.global_batch_tokens // seq
+def with_layout(cfg: Mapping[str, Any], tp: int, pp: int, vp: int, schedule: str, zero_stage: int, micro_batch: int,
+                activation: str) -> dict[str, Any]:
+    """The composed config `cfg` with the layout fields the search sets (the keys a Hydra override would)."""
+    parallel = {**(cfg.get("parallel") or {}), "tensor_parallel": tp, "sequence_parallel": tp > 1, "overlap": True,
+                "pipeline_parallel": pp, "virtual_stages": vp, "pipeline_schedule": schedule, "zero_stage": zero_stage}
+    return {**cfg, "parallel": parallel, "train": {**cfg["train"], "micro_batch_size": micro_batch},
+            "model": {**cfg["model"], "activation": activation}}
+
+
+def candidates(cfg: Mapping[str, Any], world_size: int, gpus_per_node: int) -> Iterator[Layout]:
+    """Every layout of the enumeration (module docstring) that the config layer and the planner accept, fitting
+    or not."""
     for t in divisors(gpus_per_node):
-        try:
-            validate_layout(world_size, ParallelConfig(tensor_parallel=t, sequence_parallel=t > 1), model, seq)
-        except ConfigError:
-            continue
         for p in divisors(world_size // t):
-            d = world_size // (t * p)
-            if p > model.n_layers or sequences % d:
-                continue
             for b in MICRO_BATCHES:
-                if (sequences // d) % b:
-                    continue
-                m = sequences // (d * b)
-                for schedule, v in _schedules(p, m, model.n_layers):
-                    for zero in (ZERO_STAGES if p == 1 else (0, 1)):
+                for schedule, v in _schedules(p):
+                    for zero in ZERO_STAGES:
                         for mode in ACTIVATION_MODES:
-                            yield replace(base, world_size=world_size, gpus_per_node=gpus_per_node, tp=t,
-                                          sp=t > 1, overlap=True, pp=p, vp=v, schedule=schedule, zero_stage=zero,
-                                          activation=mode, micro_batch=b)
+                            try:
+                                yield layout_from_config(with_layout(cfg, t, p, v, schedule, zero, b, mode),
+                                                         world_size, gpus_per_node)
+                            except ConfigError:
+                                continue
 
 
 def search(cfg: Mapping[str, Any], gpu: Accelerator, world_size: int, gpus_per_node: int) -> list[Ranked]:
@@ -92,13 +89,11 @@ def search(cfg: Mapping[str, Any], gpu: Accelerator, world_size: int, gpus_per_n
     if not gpu.has_timing:
         raise ValueError(f"the search ranks by step time, which is not modelled for {gpu.name}")
     # the config's model and batch, checked as the trainer would for one process; the layout fields are ours
-    one = {**cfg, "parallel": {**cfg["parallel"], "tensor_parallel": 1, "sequence_parallel": False},
-           "train": {**cfg["train"], "micro_batch_size": 1}}
-    base = layout_from_config(one, 1, 1)
+    base = layout_from_config(with_layout(cfg, 1, 1, 1, "1f1b", 0, 1, cfg["model"].get("activation", "none")), 1, 1)
     if base.peft.method != "none":
         raise ConfigError("the search plans full training (peft.method=none)")
     found = []
-    for layout in candidates(base, world_size, gpus_per_node):
+    for layout in candidates(cfg, world_size, gpus_per_node):
         peaks = [plan.peak for plan in memory_plans(layout, gpu.reserve_bytes)]
         peak = max(peaks)
         if peak <= gpu.memory_bytes:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
+from ..config.layout import validate_pipeline_transfers
 from ..parallel import ParallelState, resolve_comm_backend
 
 
@@ -107,6 +108,7 @@ def start(run: RunConfig, env: WorldEnv) -> DistContext:
     owns = False
     if env.world_size > 1 and not dist.is_initialized():
         backend = resolve_comm_backend(run.parallel.backend, device)
+        validate_pipeline_transfers(run.parallel, backend)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,

@@ -96,3 +96,18 @@ def test_every_parallel_file_takes_pipeline_overrides():
         if group == "tp8":
             continue  # tiny's 4 heads do not split over 8 ranks; the override itself composed
         assert resolve(cfg, world).parallel.pipeline_parallel == 2, group
+
+
+def test_interleaved_on_two_stages_is_refused_on_nccl_only():
+    """At p = 2 interleaved, one direction between the two ranks carries activations and gradients, matched by
+    tag; NCCL ignores tags, so that layout is refused on nccl in one line (gloo honours them)."""
+    from llama_pt.config import compose_config, resolve
+    from llama_pt.config.layout import validate_pipeline_transfers
+    common = ["model=tiny", "model.n_layers=4", "data.manifest=x", "train.eval_every=0", "train.seq_len=32",
+              "train.global_batch_tokens=512", "train.micro_batch_size=4", "parallel.pipeline_parallel=2"]
+    interleaved = resolve(compose_config([*common, "parallel.virtual_stages=2",
+                                          "parallel.pipeline_schedule=interleaved_1f1b"]), 2)
+    with pytest.raises(ConfigError, match="interleaved_1f1b with parallel.pipeline_parallel=2 is unsupported on nccl"):
+        validate_pipeline_transfers(interleaved.parallel, "nccl")
+    validate_pipeline_transfers(interleaved.parallel, "gloo")
+    validate_pipeline_transfers(resolve(compose_config(common), 2).parallel, "nccl")  # 1F1B: one kind per direction
