@@ -4,8 +4,9 @@ Launches of tests/support/workers/train_worker.py: 2 processes (PP=2 with GPipe,
 V=2; resumes of the PP=2 x TP=2 checkpoint at PP=2 x TP=1 and PP=1 x TP=2) and 4 processes (PP=2 x TP=2,
 with and without sequence parallelism, which saves the checkpoints; its bitwise resume; PP=2 x DP=2 with
 DeepSpeed ZeRO-1, whose gradient norm DeepSpeed sums over the "model parallel" group TP x PP). One process
-(here) gives the reference losses and the PP=1 x TP=1 resume. Every case runs the selective (hand-written)
-layer, the config's default. Tolerances (fp32 on CPU):
+(here) gives the reference losses and the PP=1 x TP=1 resume; 8 processes run all four at once (PP=2 x TP=2
+with SP x DP=2 with ZeRO-1). Every case runs the selective (hand-written) layer, the config's default.
+Tolerances (fp32 on CPU):
 - one step, same model and global batch: loss, global gradient norm and every gradient of the stage to 1e-6
   relative (the issue's bound);
 - 20 steps: every loss to relative 1e-5 of the single-process run (reduction orders differ);
@@ -194,6 +195,19 @@ def test_pp2_dp2_zero1_one_step_matches_single_process(four):
 @pytest.mark.parametrize("case", ["pp2tp2", "pp2dp2_z1"])
 def test_pp2_with_tp2_or_zero1_dp2_twenty_steps_track_single_process(four, single, case):
     _check_tracking(case, four[case], single)
+
+
+@pytest.fixture(scope="module")
+def eight(out) -> dict:
+    return _launch(8, ["pp2tp2dp2_z1_sp"], out)
+
+
+def test_pp2_tp2_sp_dp2_zero1_together_match_single_process(eight, single):
+    """All four at once (8 processes): one step to 1e-6, 20 steps tracking."""
+    case = "pp2tp2dp2_z1_sp"
+    assert {(r["tp"], r["dp"], r["pp"], r["zero"], r["sp"]) for r in eight[case]} == {(2, 2, 2, 1, True)}
+    _check_one_step(case, eight[case])
+    _check_tracking(case, eight[case], single)
 
 
 def test_held_out_loss_through_pp2_tp2_sp_matches_single_process(out, four, single_eval):

@@ -71,6 +71,7 @@ CASES = {
     "pp2tp2_sp": ({**PP2, **TP2, "parallel.sequence_parallel": True, "train.eval_every": 2}, ("grads",)),
     "pp2tp2_resume": ({**PP2, **TP2, "train.steps": 20, "train.exit_interval": 8}, ("resume",)),
     "pp2dp2_z1": ({**PP2, Z: 1, "train.steps": 20, "train.ckpt_every": 4, "train.keep_last": 0}, ("grads",)),
+    "pp2tp2dp2_z1_sp": ({**PP2, **TP2, Z: 1, "parallel.sequence_parallel": True, "train.steps": 20}, ("grads",)),
     "pp2dp2_z1_resume": ({**PP2, Z: 1, "train.steps": 20, "train.exit_interval": 8,
                           "train.resume": "{out}/pp2dp2_z1/checkpoints/step_00000004"}, ()),
 }
