@@ -4,7 +4,8 @@ alone): the demo's model tuned on data/instruct, a chat exchange, and the result
 Starts from the demo's Hugging Face export (runs/demo/hf; demo/run_demo.py is run first when it is missing).
 Then, printing each step:
 7. `python train.py task=sft`: Alpaca-template instruction tuning on data/instruct (381 Alpaca records, 51
-   ShareGPT conversations), examples packed into windows with document masks, the loss on response tokens;
+   ShareGPT conversations), examples packed into windows with document masks, the loss on response tokens,
+   5% of the examples held out and scored every 50 steps;
 8. one exchange with the chat command (`python -m llama_pt.pretrained chat ... --template alpaca`, greedy),
    the same question asked of the model before tuning;
 9. `python -m llama_pt.pretrained export-gguf ... --type q8_0`, loaded by llama.cpp (the xllamacpp wheel,
@@ -31,7 +32,7 @@ from demo.run_demo import banner, ensure_demo  # noqa: E402
 # Tuning: 200 steps of 8 windows of 257 tokens, about 4 epochs of data/instruct with packing.
 SFT = ("task=sft", "task.template=alpaca", "train.document_mask=true", "train.seq_len=256",
        "train.global_batch_tokens=2048", "train.micro_batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=20",
-       "train.log_every=10", "train.eval_every=0", "train.ckpt_every=100")
+       "train.log_every=10", "task.valid_fraction=0.05", "train.eval_every=50", "train.ckpt_every=100")
 QUESTION = "What does the function `json.dumps` do?"
 NEW_TOKENS = 24
 
@@ -46,9 +47,10 @@ def tune(hf: Path, out: Path, steps: int, model: str = "demo") -> Path:
     return run_dir
 
 
-def response_losses(run_dir: Path) -> list[tuple[int, float]]:
+def response_losses(run_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) of the training loss or the held-out loss ("valid_loss") over response tokens."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return [(r["step"], r[key]) for r in records if key in r]
 
 
 def chat(model: Path, label: str) -> str:
@@ -84,14 +86,15 @@ def export_and_run_in_llamacpp(checkpoint: Path, out: Path) -> dict:
     question = "What is the Python module `json` for?"
     ids, _ = encode(Conversation((("user", question),)), load_template("alpaca"), tokenizer)
     prompt = ids.tolist()
-    ours = generate(model, [prompt], NEW_TOKENS, temperature=0.0)[0]
+    ours = generate(model, [prompt], NEW_TOKENS, temperature=0.0, eos_id=tokenizer.eos_id)[0]
     theirs = LlamaCpp(gguf_file).greedy(prompt, NEW_TOKENS)
-    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     print(f"  prompt (Alpaca template): {question!r}")
-    print(f"  greedy, llama_pt (float32):   {tokenizer.decode(ours)!r}")
-    print(f"  greedy, llama.cpp (q8_0):     {tokenizer.decode(theirs)!r}")
-    print(f"  the first {same} of {NEW_TOKENS} tokens agree")
-    return {"gguf": str(gguf_file), "ours": ours, "llamacpp": theirs, "tokens_agreeing": same}
+    print(f"  greedy to EOS, llama_pt (float32): {tokenizer.decode(ours)!r}")
+    print(f"  greedy to EOS, llama.cpp (q8_0):   {tokenizer.decode(theirs)!r}")
+    print(f"  identical tokens: {ours == theirs} ({same} agree, {len(ours)} and {len(theirs)} generated)")
+    return {"gguf": str(gguf_file), "ours": ours, "llamacpp": theirs, "tokens_agreeing": same,
+            "identical": ours == theirs}
 
 
 def run_sft_demo(demo: Path, out: Path, steps: int, model: str = "demo") -> dict:
@@ -100,13 +103,16 @@ def run_sft_demo(demo: Path, out: Path, steps: int, model: str = "demo") -> dict
     _, _, hf = ensure_demo(demo)
     run_dir = tune(hf, out, steps, model)
     losses = response_losses(run_dir)
+    held_out = response_losses(run_dir, "valid_loss")
     print(f"  loss over response tokens: step {losses[0][0]}: {losses[0][1]:.3f} -> "
-          f"step {losses[-1][0]}: {losses[-1][1]:.3f}")
+          f"step {losses[-1][0]}: {losses[-1][1]:.3f}; held-out examples (5%): "
+          + ", ".join(f"step {step}: {value:.3f}" for step, value in held_out))
     last = list_checkpoints(run_dir / "checkpoints")[-1]
     banner("8. one chat exchange (greedy), before and after instruction tuning")
     before = chat(hf, "before tuning")
     after = chat(last, "after tuning")
-    summary = {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "question": QUESTION,
+    summary = {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "held_out_loss": held_out,
+               "question": QUESTION,
                "reply_before": before, "reply_after": after, **export_and_run_in_llamacpp(last, out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -314,13 +314,16 @@ class TaskConfig:
     JSON or JSONL) written with the prompt template `template` (a name in configs/templates/, or a YAML file
     of that form), tokenized with `tokenizer` (default: train.init_from's tokenizer.model), and packed into
     windows of train.seq_len + 1 tokens in an order drawn from `seed` (`packing` false: one example per window,
-    padded); the loss counts the response tokens only. The data section is not read under sft."""
+    padded); the loss counts the response tokens only. `valid_fraction` of the examples, chosen by a hash of
+    their tokens, are held out of training and scored every train.eval_every steps (the mean loss over their
+    response tokens). The data section is not read under sft."""
     name: str = "pretrain"
     files: tuple[str, ...] = ()
     template: str = "alpaca"
     packing: bool = True
     tokenizer: Optional[str] = None
     seed: int = 1234
+    valid_fraction: float = 0.0
 
 
 def known_templates() -> list[str]:
@@ -360,4 +363,6 @@ def validate_task(task: TaskConfig, train: TrainConfig) -> None:
     template_file(task.template)
     if not isinstance(task.packing, bool):
         raise ConfigError(f"task.packing={task.packing!r} must be true or false")
+    if not 0.0 <= task.valid_fraction < 1.0:
+        raise ConfigError(f"task.valid_fraction={task.valid_fraction} must be in [0, 1)")
     sft_tokenizer(task, train)

@@ -1,7 +1,8 @@
 """Evaluation of a model: perplexity (held-out shards in order; the sliding window of strided perplexity), and
 the LLaMA paper's downstream evaluation (Touvron et al. 2023, Sec. 3) through EleutherAI's lm-evaluation-harness:
 
-- .perplexity: `evaluate_perplexity` (the trainer's held-out loss), `strided_perplexity`;
+- .perplexity: `evaluate_perplexity` (the trainer's held-out loss), `evaluate_response_loss` (held-out
+  instruction examples), `strided_perplexity`;
 - .harness: `LlamaPtLM`, a model of ours as an `lm_eval` LM (loglikelihood, rolling, greedy generation);
 - .tasks: task files (lm-eval YAML over local JSON, checked before any work), the shipped tasks of
   data/eval/, the paper's suites by name, and running them with `lm_eval.simple_evaluate`;
@@ -10,6 +11,6 @@ the LLaMA paper's downstream evaluation (Touvron et al. 2023, Sec. 3) through El
 Only .perplexity is imported here: the others import lm_eval (and datasets), which training without
 downstream evaluation never needs.
 """
-from .perplexity import evaluate_perplexity, stream_of, strided_perplexity, strided_windows
+from .perplexity import evaluate_perplexity, evaluate_response_loss, stream_of, strided_perplexity, strided_windows
 
-__all__ = ["evaluate_perplexity", "stream_of", "strided_perplexity", "strided_windows"]
+__all__ = ["evaluate_perplexity", "evaluate_response_loss", "stream_of", "strided_perplexity", "strided_windows"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batch import read_micro_batch
 from ..data.indexed import PathLike
 from ..data.packing import SequentialWindows
 from ..data.shards import Shards
@@ -75,6 +76,36 @@ def evaluate_perplexity(model: torch.nn.Module, prefixes: Sequence[PathLike], se
         raise ValueError("no target tokens were scored (all targets are EOS?)")
     mean = total_nll / total_tokens
     return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "batches": len(batches)}
+
+
+@torch.no_grad()
+def evaluate_response_loss(model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int,
+                           max_batches: Optional[int] = None, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean NLL and perplexity over the scored targets (the responses) of instruction windows (int64 [3, seq_len
+    + 1], llama_pt.data.batch's layout), `batch_size` windows at a time, in order. Each window should hold one
+    example followed by padding: attention being causal, the example then sees nothing but itself, as alone.
+
+    Returns {"nll", "perplexity", "tokens" (targets scored), "batches"}."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    starts = list(range(0, len(windows), batch_size))[:max_batches]
+    vocab_size = model.cfg.vocab_size
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in starts:
+            micro = read_micro_batch(torch.from_numpy(np.stack(windows[start:start + batch_size])).to(device))
+            logits = mask_padded_vocab(model(micro.inputs).float(), vocab_size)
+            nll = F.cross_entropy(logits[micro.scored], micro.targets[micro.scored], reduction="sum")
+            total_nll += nll.double().item()
+            total_tokens += int(micro.scored.sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no response tokens were scored")
+    mean = total_nll / total_tokens
+    return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "batches": len(starts)}
 
 
 def stream_of(prefixes: Sequence[PathLike]) -> np.ndarray:

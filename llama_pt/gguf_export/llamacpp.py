@@ -3,7 +3,7 @@ server (no compiler, nothing fetched). `xllamacpp.Server` loads the file and ans
 (`handle_completions`, the OpenAI-style /v1/completions of llama.cpp's tools/server); it also listens on
 127.0.0.1 at a random port, where the server's native /completion and /tokenize endpoints are reached.
 
-- `greedy`: llama.cpp's greedy continuation of a prompt given as token ids (temperature 0, EOS not stopping it).
+- `greedy`: llama.cpp's greedy continuation of a prompt given as token ids (temperature 0, up to end of generation).
 - `tokenize`: llama.cpp's tokenizer (the GGUF file's vocabulary), BOS added as the file says.
 - `token_logprobs` / `perplexity`: log p(token | the tokens before it) from llama.cpp's logits. One completion of
   one token per position, the prompt the tokens so far: the server reuses its KV cache for the common prefix
@@ -83,14 +83,15 @@ class LlamaCpp:
             return json.loads(answer.read())
 
     def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-        """The `max_new_tokens` ids llama.cpp's greedy decoding appends to `prompt` (ids; no BOS added); an end of
-        generation token does not stop it (`ignore_eos`), as `llama_pt.generate.generate` without eos_id. The
+        """The ids llama.cpp's greedy decoding appends to `prompt` (ids; no BOS added), at most `max_new_tokens`,
+        ending before the first end-of-generation token, as `llama_pt.generate.generate` with eos_id does.
+        (llama.cpp's `ignore_eos` is not used: it biases those tokens to -inf, which changes the argmax.) The
         native /completion endpoint returns every id (`return_tokens`); the per-token probabilities of the
         OpenAI-style one leave out the byte pieces it withholds (see the module's docstring)."""
         answer = self._post("/completion", {"prompt": [int(t) for t in prompt], "n_predict": max_new_tokens,
-                                            "temperature": 0.0, "ignore_eos": True, "return_tokens": True,
-                                            "cache_prompt": True})
-        return [int(t) for t in answer["tokens"]]
+                                            "temperature": 0.0, "return_tokens": True, "cache_prompt": True})
+        ids = [int(t) for t in answer["tokens"]]
+        return ids[:-1] if answer.get("stop_type") == "eos" else ids
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's token ids for `text`, with BOS if the file's tokenizer.ggml.add_bos_token says so."""

@@ -15,10 +15,11 @@ last two it read, both recomputed identically by any process.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -120,11 +121,19 @@ class InstructSamples:
                 f"(into epoch {epochs + 1})")
 
 
+def held_out(example: Example, fraction: float) -> bool:
+    """Whether an example is held out: a hash of its token ids below `fraction` (the same on every rank and run,
+    whatever the order of the files)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(example.ids, dtype=np.int32).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64 < fraction
+
+
 @dataclass
 class InstructionData:
     samples: InstructSamples
     tokenizer: Tokenizer
     summary: str  # lines for the trainer's start-up log
+    valid: Optional[InstructSamples] = None  # the held-out examples, one per window (task.valid_fraction)
 
 
 def open_instruction_data(task: TaskConfig, seq_len: int, tokenizer_path: str | Path, num_samples: int,
@@ -135,7 +144,14 @@ def open_instruction_data(task: TaskConfig, seq_len: int, tokenizer_path: str | 
     template = load_template(task.template)
     conversations, read = read_conversations(task.files, warn)
     examples, cut = build_examples(conversations, template, tokenizer, seq_len + 1)
-    samples = InstructSamples(examples, seq_len, task.seed, task.packing, tokenizer.eos_id)
+    valid = [e for e in examples if held_out(e, task.valid_fraction)]
+    train = [e for e in examples if not held_out(e, task.valid_fraction)]
+    samples = InstructSamples(train, seq_len, task.seed, task.packing, tokenizer.eos_id)
     cut_text = ", ".join(f"{n} {reason}" for reason, n in sorted(cut.items())) or "none cut"
     summary = f"{read.summary()}\ntemplate {template.name}: {cut_text}; {samples.report(num_samples)}"
-    return InstructionData(samples, tokenizer, summary)
+    held = None
+    if valid:
+        held = InstructSamples(valid, seq_len, task.seed, packing=False, pad_id=tokenizer.eos_id)
+        summary += (f"\nheld out (task.valid_fraction={task.valid_fraction}): {len(valid)} examples, "
+                    f"{sum(int(e.scored.sum()) for e in valid):,} response tokens")
+    return InstructionData(samples, tokenizer, summary, held)

@@ -7,7 +7,8 @@ llama_pt.data.samples.PREBUILT_EPOCHS) while the other ranks wait at a barrier; 
 on demand by the first process that needs it.
 
 Under task=sft the windows come from instruction data instead (llama_pt.instruct): every rank reads, tokenizes
-and packs task.files itself (a pure function of the config), global rank 0 alone printing the skipped records.
+and packs task.files itself (a pure function of the config), global rank 0 alone printing the skipped records;
+the examples task.valid_fraction holds out are the held-out set, scored on their responses.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,9 +28,19 @@ from ..config import ConfigError, RunConfig
 from ..config.sections import sft_tokenizer
 from ..data import (BlendedSamples, MicroBatchLoader, SequentialWindows, build_train_samples, format_epoch_table,
                     load_manifest, valid_prefixes)
-from ..evaluation import evaluate_perplexity
+from ..evaluation import evaluate_perplexity, evaluate_response_loss
 from ..parallel import FullLogits, ParallelState
 from ..parallel.pipeline import PipelineLogits
+
+
+def logits_model(model: torch.nn.Module, pstate: Optional[ParallelState]) -> torch.nn.Module:
+    """`model` as tokens -> full logits on every rank: a pipeline runs its stages forward and hands the last one's
+    logits to all; under TP the vocabulary is gathered. Every rank of the TP group and pipeline must call it."""
+    if pstate is not None and pstate.pp_size > 1:
+        model = PipelineLogits(model, pstate)
+    if pstate is not None and pstate.tp_size > 1:
+        model = FullLogits(model, pstate)
+    return model
 
 
 @dataclass
@@ -39,29 +51,40 @@ class HeldOut:
 
     def evaluate(self, model: torch.nn.Module, autocast: Callable, max_batches: int,
                  pstate: Optional[ParallelState] = None) -> dict[str, float]:
-        """Held-out loss; every rank of a tensor-parallel group and of a pipeline must call it (the logits are
-        gathered over TP; a pipeline runs its stages forward and hands the last one's logits to all).
+        """Held-out loss (see `logits_model` for who must call it).
 
         Under sequence parallelism the short tail window (length not divisible by the TP size) is left out.
         """
         device = next(model.parameters()).device
-        if pstate is not None and pstate.pp_size > 1:
-            model = PipelineLogits(model, pstate)
-        if pstate is not None and pstate.tp_size > 1:
-            model = FullLogits(model, pstate)
-            if pstate.config.sequence_parallel:
-                full_batches = math.ceil(SequentialWindows(self.prefixes, self.seq_len).num_full / self.batch_size)
-                max_batches = min(max_batches or full_batches, full_batches)
+        if pstate is not None and pstate.tp_size > 1 and pstate.config.sequence_parallel:
+            full_batches = math.ceil(SequentialWindows(self.prefixes, self.seq_len).num_full / self.batch_size)
+            max_batches = min(max_batches or full_batches, full_batches)
         with autocast():
-            result = evaluate_perplexity(model, self.prefixes, self.seq_len, self.batch_size,
+            result = evaluate_perplexity(logits_model(model, pstate), self.prefixes, self.seq_len, self.batch_size,
                                          max_batches=max_batches or None, device=device)
+        return {"valid_loss": result["nll"], "valid_ppl": result["perplexity"]}
+
+
+@dataclass
+class HeldOutExamples:
+    """task=sft with task.valid_fraction: the held-out instruction examples, one per window."""
+    windows: Sequence[np.ndarray]
+    batch_size: int
+
+    def evaluate(self, model: torch.nn.Module, autocast: Callable, max_batches: int,
+                 pstate: Optional[ParallelState] = None) -> dict[str, float]:
+        """The mean loss over the held-out responses (see `logits_model` for who must call it)."""
+        device = next(model.parameters()).device
+        with autocast():
+            result = evaluate_response_loss(logits_model(model, pstate), self.windows, self.batch_size,
+                                            max_batches=max_batches or None, device=device)
         return {"valid_loss": result["nll"], "valid_ppl": result["perplexity"]}
 
 
 @dataclass
 class TrainData:
     loader: MicroBatchLoader
-    valid: Optional[HeldOut]
+    valid: Optional[HeldOut | HeldOutExamples]
     tokenizer_path: Path
     vocab_size: int
     eos_id: int
@@ -105,7 +128,8 @@ def build_train_data(run: RunConfig, dp_rank: int, dp_size: int, build_index: bo
 
 
 def build_instruction_data(run: RunConfig, dp_rank: int, dp_size: int) -> TrainData:
-    """task=sft: the packed instruction windows of task.files for one data-parallel rank (no held-out data)."""
+    """task=sft: the packed instruction windows of task.files for one data-parallel rank, and the held-out
+    examples (task.valid_fraction) if any."""
     from ..instruct import open_instruction_data
     tokenizer = sft_tokenizer(run.task, run.train)
     quiet = dist.is_initialized() and dist.get_rank() != 0
@@ -117,5 +141,7 @@ def build_instruction_data(run: RunConfig, dp_rank: int, dp_size: int) -> TrainD
                           f"tokenizer {tokenizer} ({data.tokenizer.vocab_size})")
     loader = MicroBatchLoader(data.samples, run.train.global_batch_sequences, run.train.micro_batch_size,
                               dp_rank=dp_rank, dp_size=dp_size)
-    return TrainData(loader=loader, valid=None, tokenizer_path=Path(tokenizer), vocab_size=data.tokenizer.vocab_size,
+    valid = None if data.valid is None else \
+        HeldOutExamples([data.valid[k] for k in range(len(data.valid.examples))], run.train.micro_batch_size)
+    return TrainData(loader=loader, valid=valid, tokenizer_path=Path(tokenizer), vocab_size=data.tokenizer.vocab_size,
                      eos_id=data.tokenizer.eos_id, epoch_table=data.summary)

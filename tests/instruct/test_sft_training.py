@@ -101,3 +101,32 @@ def test_bad_sft_config_stops_with_one_line(tmp_path, token_corpus, sft, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_held_out_examples_are_not_trained_on_and_score_their_responses_as_alone(tmp_path, token_corpus, sft):
+    """task.valid_fraction: the examples held out (by a hash of their tokens) never reach the training windows,
+    and the held-out loss is the mean NLL of their response tokens, each example run alone."""
+    import torch.nn.functional as F
+
+    from llama_pt.data.batch import DOCUMENTS, SCORED, TOKENS
+    trainer = _trainer(tmp_path, token_corpus, *sft, "task.valid_fraction=0.25", "train.eval_every=2")
+    try:
+        held = trainer.data.valid.windows
+        trained = {tuple(e.ids.tolist()) for e in trainer.data.loader.samples.examples}
+        alone = []
+        for window in held:
+            n = int((window[DOCUMENTS] == 0).sum())
+            ids, scored = window[TOKENS, :n], window[SCORED, :n].astype(bool)
+            assert tuple(ids.tolist()) not in trained
+            alone.append((torch.from_numpy(ids), torch.from_numpy(scored)))
+        assert 5 <= len(alone) <= 30, len(alone)  # about a quarter of 60
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, scored in alone:
+                logits = trainer.model(ids[None, :-1])[0, :, :trainer.run.model.vocab_size]
+                total += F.cross_entropy(logits[scored[1:]], ids[1:][scored[1:]], reduction="sum").item()
+                count += int(scored[1:].sum())
+        got = trainer.evaluate()
+        assert got["valid_loss"] == pytest.approx(total / count, rel=1e-5)
+    finally:
+        trainer.close()
