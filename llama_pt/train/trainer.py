@@ -2,8 +2,9 @@
 
 Read top to bottom: the Trainer builds its parts, `train_step` is one optimizer step, `fit` runs steps
 until the end and decides when to log, evaluate, checkpoint and stop. The parts own everything else:
-the model (.model_setup: llama_pt.model, sharded by llama_pt.parallel's plan, blocks by activation
-mode), the data (.data_setup: this data-parallel rank's part of every global batch), the gradient
+the model (.model_setup: llama_pt.model made on the meta device, only this rank's pipeline stage
+materialized, part by part, each sharded by llama_pt.parallel's plan as it gets its values; adapters, blocks
+by activation mode; the initial values those of one process's `Llama` for train.seed whatever the layout), the data (.data_setup: this data-parallel rank's part of every global batch), the gradient
 reduction and optimizer step (a data-parallel engine: all-reduce, or DeepSpeed ZeRO), the schedule
 (.optim), the arithmetic (.precision), checkpoints and RNG (.checkpointing), faults (.fault_policy),
 downstream accuracy (.downstream, lm-eval on a local task every train.downstream_every steps),
