@@ -183,3 +183,65 @@ def test_kept_parts_in_order():
         whole = Llama(CFG)
     assert model_setup.kept_parts(whole) == ["tok_embeddings", "layers.0", "layers.1", "layers.2", "layers.3",
                                               "norm", "output"]
+
+
+HF_CFG = dataclasses.replace(CFG, vocab_size=512, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tokenizer_512):
+    """A random model (norm weights too) with the 512-piece tokenizer, as a sharded Hugging Face folder."""
+    from llama_pt.hf_interop import export_hf
+    model = Llama(HF_CFG, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return export_hf(model, HF_CFG, tmp_path_factory.mktemp("hf") / "base", tokenizer_path=tokenizer_512,
+                     max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="module")
+def grown_tokenizer(tmp_path_factory, tokenizer_512):
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer_512.read_bytes())
+    for piece in ["▁sublicensable", "▁llama", "ingly", "▁中国"]:
+        added = proto.pieces.add()
+        added.piece, added.score = piece, 0.0
+    out = tmp_path_factory.mktemp("tok") / "grown.model"
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+@pytest.mark.parametrize("grow", [False, True])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_init_from_loads_only_the_kept_tensors(tp, pp, grow, hf_folder, grown_tokenizer, monkeypatch):
+    """train.init_from (and init_tokenizer): every rank's shards are the one-process model's slices, and a rank
+    reads from the safetensors files only the tensors of the parameters it keeps."""
+    from llama_pt import hf_interop
+    cfg = dataclasses.replace(HF_CFG, vocab_size=516) if grow else HF_CFG
+    run = run_config(cfg)
+    run.train.init_from = str(hf_folder)
+    run.train.init_tokenizer = str(grown_tokenizer) if grow else None
+    ref = build_model(run, layout(cfg=cfg), torch.device("cpu")).state_dict()
+    read, load = [], hf_interop._load_safetensors
+
+    def recording(path, wanted=None):
+        tensors = load(path, wanted)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(hf_interop, "_load_safetensors", recording)
+    assert len(list(hf_folder.glob("*.safetensors"))) > 2  # several files: some ranks need only some of them
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            read.clear()
+            model = build_model(run, layout(tp, pp, tp_rank, pp_rank, cfg=cfg), torch.device("cpu"))
+            params = dict(model.named_parameters())
+            for name, value in model.state_dict().items():
+                assert torch.equal(value, expected_slice(ref[name], params[name])), (tp, pp, name)
+            kept = set(model.state_dict())
+            assert sorted(hf_interop.from_hf_name(n) for n in read) == sorted(kept)
+    if grow:  # the grown rows are not zero (subtoken_mean), the padding rows are
+        assert ref["output.weight"][512:516].abs().sum() > 0 and ref["output.weight"][516:].abs().sum() == 0
