@@ -57,7 +57,10 @@ def kept_parts(model: nn.Module) -> list[str]:
     "layers.<i>" for each of its layers, "norm", "output" (those it has)."""
     parts = []
     for name, child in model.named_children():
-        parts.extend(f"layers.{key}" for key, _ in child.named_children()) if name == "layers" else parts.append(name)
+        if name == "layers":
+            parts.extend(f"layers.{key}" for key, _ in child.named_children())
+        else:
+            parts.append(name)
     return parts
 
 
