@@ -228,7 +228,8 @@ def _read_safetensors(folder: Path, wanted: Optional[Callable[[str], bool]] = No
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def import_hf(folder: str | Path, names: Optional[Collection[str]] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def import_hf(folder: str | Path,
+              names: Optional[Collection[str]] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, llama_pt state dict) from a Hugging Face Llama folder, tensors in their stored dtype; the
     vocabulary padded with zero rows to the config's padded_vocab_size.
 

@@ -4,10 +4,10 @@ Like tensor parallelism, the cut is applied from outside (as in torchtitan): the
 on the meta device (no storage) the same way on every rank, `build_stage` keeps the parts of this rank's
 stage, and only those are then materialized, sharded over TP, given adapters and their activation mode
 (llama_pt.train.model_setup; the transforms take a stage as they take a Llama). `build_stage` also cuts a
-model already materialized and transformed (the tests do), keeping its parts as they are. The stage holds them under the full model's names
-(``tok_embeddings``, ``layers.<global index>``, ``norm``, ``output``), so its state dict, its optimizer's
-parameter groups (weight decay by name) and its checkpoints are keyed as the whole model's are: a checkpoint
-written by any split loads at any other (llama_pt.parallel.checkpoint_layout).
+model already materialized and transformed (the tests do), keeping its parts as they are. The stage holds them
+under the full model's names (``tok_embeddings``, ``layers.<global index>``, ``norm``, ``output``), so its
+state dict, its optimizer's parameter groups (weight decay by name) and its checkpoints are keyed as the whole
+model's are: a checkpoint written by any split loads at any other (llama_pt.parallel.checkpoint_layout).
 
 With virtual stages (interleaved 1F1B) a stage holds V model chunks: chunk v of stage s is model chunk
 k = v * p + s of llama_pt.config.pipeline.stage_layers; the embedding belongs to chunk 0 of stage 0, the
