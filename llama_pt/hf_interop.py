@@ -19,9 +19,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Collection, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
@@ -86,8 +87,15 @@ def expected_shapes(cfg: ModelConfig, padded: bool = True) -> dict[str, tuple[in
     return shapes
 
 
-def _check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str, padded: bool = True) -> None:
+def _check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str, padded: bool = True,
+                      names: Optional[Collection[str]] = None) -> None:
+    """Every parameter of Llama(cfg) (of `names` when given) in `state` with its shape, and nothing else."""
     shapes = expected_shapes(cfg, padded)
+    if names is not None:
+        for name in names:
+            if name not in shapes:
+                raise ValueError(f"{where}: {name!r} is not a parameter of this model config")
+        shapes = {name: shapes[name] for name in names}
     for name in state:
         if name not in shapes:
             raise ValueError(f"{where}: unexpected parameter {name!r} for this model config")
@@ -186,14 +194,18 @@ def export_hf(model_or_state_dict: Union[torch.nn.Module, Mapping[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- import
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, wanted: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of one file; with `wanted`, only those whose (Hugging Face) name it accepts are read."""
     try:
-        return load_file(str(path))
+        if wanted is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys() if wanted(name)}
     except Exception as exc:  # safetensors raises its own error type for truncated or corrupt files
         raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(folder: Path, wanted: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
@@ -202,22 +214,27 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         except (ValueError, KeyError) as exc:
             raise ValueError(f"{index}: not a safetensors index ({exc})") from None
         tensors: dict[str, torch.Tensor] = {}
-        for fname in sorted(set(weight_map.values())):
+        shards = {fname for name, fname in weight_map.items() if wanted is None or wanted(name)}
+        for fname in sorted(shards):
             shard = folder / fname
             if not shard.is_file():
                 raise FileNotFoundError(f"{index}: shard not found: {shard}")
-            tensors.update(_load_safetensors(shard))
+            tensors.update(_load_safetensors(shard, wanted))
         return tensors
     if single.is_file():
-        return _load_safetensors(single)
+        return _load_safetensors(single, wanted)
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise ValueError(f"{folder}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first")
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def import_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def import_hf(folder: str | Path,
+              names: Optional[Collection[str]] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, llama_pt state dict) from a Hugging Face Llama folder, tensors in their stored dtype; the
-    vocabulary padded with zero rows to the config's padded_vocab_size."""
+    vocabulary padded with zero rows to the config's padded_vocab_size.
+
+    `names`: read only these llama_pt parameters (e.g. those a pipeline stage keeps: the other tensors of
+    the files are never read); each must be in the folder."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -227,17 +244,31 @@ def import_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     except ValueError as exc:
         raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
     cfg = model_config_from_hf(config, where=str(config_path))
+    wanted = None if names is None else _wanted(set(names))
     state = {}
-    for name, tensor in _read_safetensors(folder).items():
+    for name, tensor in _read_safetensors(folder, wanted).items():
         if _HF_IGNORED.match(name):
             continue
         try:
             state[from_hf_name(name)] = tensor
         except ValueError as exc:
             raise ValueError(f"{folder}: {exc}") from None
-    _check_state_dict(state, cfg, str(folder), padded=False)
+    _check_state_dict(state, cfg, str(folder), padded=False, names=names)
     padding = cfg.padded_vocab_size - cfg.vocab_size
     if padding:
         for name in VOCAB_ROWS:
-            state[name] = torch.cat([state[name], state[name].new_zeros(padding, state[name].shape[1])])
+            if name in state:
+                state[name] = torch.cat([state[name], state[name].new_zeros(padding, state[name].shape[1])])
     return cfg, state
+
+
+def _wanted(names: set[str]) -> Callable[[str], bool]:
+    """Accepts the Hugging Face names of `names`, and names it cannot translate (import_hf reports those)."""
+    def wanted(hf_name: str) -> bool:
+        if _HF_IGNORED.match(hf_name):
+            return False
+        try:
+            return from_hf_name(hf_name) in names
+        except ValueError:
+            return True
+    return wanted

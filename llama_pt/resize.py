@@ -69,13 +69,16 @@ def resize_vocabulary(state: Mapping[str, torch.Tensor], cfg: ModelConfig, old: 
                       init: str = "subtoken_mean") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and state dict (padded, llama_pt.model.vocab) of the model `state`, `cfg` (tokenizer `old`)
     grown to the vocabulary of `new`. The rows of old's pieces are copied bit for bit, the new pieces' rows
-    are made by `init` (in float64, then rounded once to the table's dtype), the padding rows are zero."""
+    are made by `init` (in float64, then rounded once to the table's dtype), the padding rows are zero. A
+    state dict of part of the model (a pipeline stage's) grows the tables it has."""
     check_init(init)
     check_extends(old, new, cfg.vocab_size)
     grown = dataclasses.replace(cfg, vocab_size=new.vocab_size)
     out = dict(state)
     ids = range(old.vocab_size, new.vocab_size)
     for name in VOCAB_ROWS:
+        if name not in state:  # a part of the model (a pipeline stage) without this table
+            continue
         table = state[name]
         out[name] = table.new_zeros(grown.padded_vocab_size, table.shape[1])
         out[name][:old.vocab_size] = table[:old.vocab_size]

@@ -18,6 +18,11 @@ A the noise is drawn for the full input width and cut to the rank's columns, so 
 state drops exactly what one process drops.
 
 Initialisation as the paper (and peft): A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts from W.
+Each A is drawn in full (the unsharded layer's shape) on the CPU from a generator of its own, seeded like the
+model's weights from an adapter seed and its full name (`layers.3.attention.wq.adapter.lora_A`,
+llama_pt.model.llama.parameter_seed), so a process that holds only some layers (a pipeline stage) or a
+shard of them starts from exactly the adapters one process would; the adapter seed is drawn once from the
+global random state when the plan is made (`lora_transform`).
 `merge` folds W + (alpha/r) B A into the weight (this rank's shard of it) and keeps the original to
 restore bitwise on `unmerge`.
 """
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 
 from ..config import PeftConfig
 from ..config.sections import PEFT_TARGETS
+from ..model.llama import draw_seed, parameter_seed
 from ..parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, ShardSpec
 from ..parallel import comm
 from ..parallel.comm import BWD
@@ -145,23 +151,30 @@ def _sum_grad_over(param: nn.Parameter, group) -> None:
                                                       group, BWD).wait())
 
 
-def _init_pair(out_features: int, in_features: int, rank: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-    a = torch.empty(rank, in_features, dtype=torch.float32, device=like.device)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+def _init_pair(out_features: int, in_features: int, rank: int, like: torch.Tensor, seed: int,
+               path: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """A (kaiming-uniform, from its own generator: seed and its full name) and B (zeros) of the projection at
+    `path`, in the unsharded shapes, on like's device."""
+    generator = torch.Generator().manual_seed(parameter_seed(seed, f"{path}.adapter.lora_A"))
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     b = torch.zeros(out_features, rank, dtype=torch.float32, device=like.device)
-    return nn.Parameter(a), nn.Parameter(b)
+    return nn.Parameter(a.to(like.device)), nn.Parameter(b)
 
 
-def lora_transform(settings: LoRASettings, pstate: Optional[ParallelState] = None):
+def lora_transform(settings: LoRASettings, pstate: Optional[ParallelState] = None, seed: Optional[int] = None):
     """The module-plan transform that adds LoRA to one projection (plain, column- or row-parallel).
 
-    A and B are created in full (the shapes of the unsharded layer) from the global RNG, then this rank
-    keeps its shard, so every layout starts from the same adapter as one process would."""
+    A and B are created in full (the shapes of the unsharded layer), A from the adapter seed `seed` (None:
+    drawn now from the global random state, one draw) and the projection's path, then this rank keeps its
+    shard, so every layout starts from the same adapter as one process would."""
+    seed = draw_seed() if seed is None else seed
+
     def adapt(path: str, linear: nn.Module) -> nn.Module:
         if isinstance(linear, ColumnParallelLinear):
             spec: ShardSpec = linear.weight.tp_shard
             full_out = linear.weight.shape[0] * spec.chunks
-            a, b = _init_pair(full_out, linear.weight.shape[1], settings.rank, linear.weight)
+            a, b = _init_pair(full_out, linear.weight.shape[1], settings.rank, linear.weight, seed, path)
             b = nn.Parameter(spec.take(b.detach()).clone())
             b.tp_shard = spec
             b.tensor_model_parallel = getattr(linear.weight, "tensor_model_parallel", True)
@@ -178,17 +191,17 @@ def lora_transform(settings: LoRASettings, pstate: Optional[ParallelState] = Non
         if isinstance(linear, RowParallelLinear):
             spec = linear.weight.tp_shard
             a, b = _init_pair(linear.weight.shape[0], linear.weight.shape[1] * spec.chunks, settings.rank,
-                              linear.weight)
+                              linear.weight, seed, path)
             a = nn.Parameter(spec.take(a.detach()).clone())
             a.tp_shard = spec
             a.tensor_model_parallel = True
             linear.adapter = LowRankUpdate(a, b, settings)
             return linear
         if isinstance(linear, nn.Linear):
-            a, b = _init_pair(linear.out_features, linear.in_features, settings.rank, linear.weight)
+            a, b = _init_pair(linear.out_features, linear.in_features, settings.rank, linear.weight, seed, path)
             return AdaptedLinear(linear, LowRankUpdate(a, b, settings))
         if isinstance(linear, NF4Linear):
-            a, b = _init_pair(linear.out_features, linear.in_features, settings.rank, linear.packed)
+            a, b = _init_pair(linear.out_features, linear.in_features, settings.rank, linear.packed, seed, path)
             linear.adapter = LowRankUpdate(a, b, settings)
             return linear
         raise TypeError(f"LoRA: {path} is a {type(linear).__name__}, not a linear layer")

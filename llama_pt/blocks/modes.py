@@ -31,13 +31,15 @@ assert tuple(BLOCKS) == ACTIVATION_MODES
 def apply_activation_mode(model: Llama, mode: str, pstate: Optional[ParallelState] = None) -> Llama:
     """Make every layer of `model` a block of activation mode `mode`, in place; return the model.
 
-    With a TP size above one (pstate) the model must already be parallelized."""
+    `model` is a Llama or a pipeline stage (its layers keyed by their global index). With a TP size above
+    one (pstate) the model must already be parallelized."""
     check_choice(mode, ACTIVATION_MODES, "model.activation")
     tp = None
     if pstate is not None and pstate.tp_size > 1:
-        if not isinstance(model.layers[0].attention.wq, ColumnParallelLinear):
+        if not isinstance(next(iter(model.layers.children())).attention.wq, ColumnParallelLinear):
             raise ValueError("apply_activation_mode: the model is not parallelized; call parallelize(model, pstate) first")
         tp = tp_context(pstate)
-    for i, layer in enumerate(model.layers):
-        model.layers[i] = SelectiveBlock(*layer.parts(), tp=tp) if mode == "selective" else BLOCKS[mode](*layer.parts())
+    for key, layer in list(model.layers.named_children()):
+        setattr(model.layers, key, SelectiveBlock(*layer.parts(), tp=tp) if mode == "selective"
+                else BLOCKS[mode](*layer.parts()))
     return model

@@ -17,6 +17,7 @@ computes alone.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -162,36 +163,95 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def draw_seed() -> int:
+    """A model seed drawn from the global random state (one draw): what `Llama(cfg)` uses when given none,
+    so that `torch.manual_seed(s); Llama(cfg)` is the model every layout builds from train.seed=s."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of parameter `name` (its full name in the plain model, e.g. "layers.5.attention.wq.weight"):
+    a pure function of the model seed and the name (SHA-256, not Python's salted hash)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def initial_value(name: str, shape: torch.Size | tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of the parameter `name` of Llama(cfg) for model seed `seed`, in float32 on the CPU
+    (the same numbers whatever device the model lives on, whichever process asks).
+
+    GPT-2 / LLaMA style: norm weights are ones; every other weight is Normal(0, init_std), the residual-branch
+    outputs (wo, w2) scaled by 1/sqrt(2 * n_layers); drawn from a generator of its own seeded with
+    `parameter_seed(seed, name)`. The padding rows of the embedding and the head (ids >= vocab_size,
+    llama_pt.model.vocab) are zero and stay zero: never looked up, their logits masked, they get no gradient
+    (nor weight decay, being zero)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+    value = torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(parameter_seed(seed, name)))
+    if name in ("tok_embeddings.weight", "output.weight"):
+        value[cfg.vocab_size:] = 0
+    return value
+
+
+def init_parameters(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
+    """Every parameter of `module` set to its `initial_value`; `module` is the part of Llama(cfg) at path
+    `prefix` ("" for the whole model, "layers.5" for one layer), which makes its parameters' full names."""
+    with torch.no_grad():
+        for name, p in module.named_parameters(prefix=prefix):
+            p.copy_(initial_value(name, p.shape, cfg, seed))
+
+
+def materialize(module: nn.Module, cfg: ModelConfig, seed: int, device, prefix: str = "") -> nn.Module:
+    """A part of Llama(cfg) built on the meta device (no storage), given storage on `device` and its initial
+    values (`init_parameters`, for the part at path `prefix`); returns it. Building the model on meta and
+    materializing only some parts gives exactly those parts of `Llama(cfg, seed)`, at the memory of the parts."""
+    module.to_empty(device=device)
+    init_parameters(module, cfg, seed, prefix)
+    return module
+
+
+def set_rope_tables(module: nn.Module, cfg: ModelConfig, device) -> None:
+    """(Re)compute the RoPE buffers rope_cos / rope_sin of `module` (a Llama or a pipeline stage) on `device`."""
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    module.rope_cos, module.rope_sin = cos.to(device), sin.to(device)
+
+
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder: embedding, n_layers pre-norm blocks, final norm, head (untied).
+
+    Initial weights (`initial_value`): each parameter from a generator of its own, seeded from the model seed
+    and the parameter's name, so every parameter's initial value is the same whichever process builds it and
+    whatever the layout (tensor / pipeline / data parallel: llama_pt.train.model_setup builds the model on the
+    meta device and materializes only what a rank keeps). `seed` None draws the model seed from the global
+    random state (`draw_seed`, one draw, before anything else: the random state after `Llama(cfg)` is that
+    after one draw), as other modules draw their initial values from it. On the meta device (`with
+    torch.device("meta")`) nothing is initialised nor drawn: see `materialize`.
+
+    (Before this rule the whole model was drawn from the global random state in parameter order; the
+    distribution of every weight is unchanged, the numbers for a given seed are not.)
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock.build(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        device = torch.get_default_device()  # meta under `with torch.device("meta")`
+        if device.type != "meta" and seed is None:
+            seed = draw_seed()  # the only draw: the modules below are made on meta, then given their values
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(TransformerBlock.build(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if device.type != "meta":
+            materialize(self, cfg, seed, device)
+            set_rope_tables(self, cfg, device)
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual-branch outputs (wo, w2) scaled by 1/sqrt(2 * n_layers).
-
-        The padding rows of the embedding and the head (ids >= vocab_size, llama_pt.model.vocab) are zero and
-        stay zero: never looked up, their logits masked, they get no gradient (nor weight decay, being zero).
-        """
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
-        with torch.no_grad():
-            self.tok_embeddings.weight[self.cfg.vocab_size:].zero_()
-            self.output.weight[self.cfg.vocab_size:].zero_()
+    def reset_parameters(self, seed: int) -> None:
+        """Every parameter to its initial value for model seed `seed` (`initial_value`)."""
+        init_parameters(self, self.cfg, seed)
 
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.layers:

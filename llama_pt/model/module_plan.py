@@ -10,7 +10,7 @@ to put at that path (the same one when it only marks or hooks it). Tensor parall
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch.nn as nn
 
@@ -36,12 +36,22 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def apply_module_plan(model: nn.Module, plan: Iterable[tuple[str, Transform]]) -> nn.Module:
+def _inside(path: str, within: str) -> bool:
+    return path == within or path.startswith(within + ".")
+
+
+def apply_module_plan(model: nn.Module, plan: Iterable[tuple[str, Transform]],
+                      within: Optional[str] = None) -> nn.Module:
     """Apply every entry of `plan` to `model` in place; returns the model. A pattern that names no module
-    is an error (a plan written for another architecture)."""
+    is an error (a plan written for another architecture).
+
+    `within`: apply the plan only to the modules at or under this path (a model transformed part by part as
+    it is materialized, llama_pt.train.model_setup); a pattern naming nothing there is then no error."""
     for pattern, transform in plan:
         paths = matching_paths(model, pattern)
-        if not paths:
+        if within is not None:
+            paths = [path for path in paths if _inside(path, within)]
+        elif not paths:
             raise ValueError(f"module plan: {pattern!r} names no module of {type(model).__name__}")
         for path in paths:
             module = model.get_submodule(path)

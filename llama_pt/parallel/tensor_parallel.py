@@ -165,17 +165,22 @@ def tp_context(pstate: ParallelState, sequence_parallel: Optional[bool] = None,
 
 
 def parallelize(model: Llama, pstate: ParallelState, *, sequence_parallel: Optional[bool] = None,
-                overlap: Optional[bool] = None) -> Llama:
+                overlap: Optional[bool] = None, within: Optional[str] = None) -> Llama:
     """Shard `model` over pstate's TP group in place by `tensor_parallel_plan` and return it (unchanged
-    when the TP size is 1). `sequence_parallel` and `overlap` default to pstate.config's values."""
+    when the TP size is 1). `sequence_parallel` and `overlap` default to pstate.config's values.
+
+    `within`: shard only the part at this path ("tok_embeddings", "layers.5", "norm", "output"), the others
+    left as they are: a model materialized part by part (llama_pt.train.model_setup) is sharded as each part
+    gets its full weights, so that no more than one full part exists at a time. `model` may then be a
+    pipeline stage (the same names, only its parts)."""
     if model.cfg != pstate.model_config:
         raise ConfigError("parallelize: the model's config differs from the one ParallelState was made for")
     tp = tp_context(pstate, sequence_parallel, overlap)
     if tp is None:
         return model
-    if isinstance(model.tok_embeddings, VocabParallelEmbedding):
+    if within is None and isinstance(model.tok_embeddings, VocabParallelEmbedding):
         raise ValueError("parallelize: the model is already parallelized")
-    return apply_module_plan(model, tensor_parallel_plan(Sharding(pstate, tp)))
+    return apply_module_plan(model, tensor_parallel_plan(Sharding(pstate, tp)), within=within)
 
 
 def make_loss_fn(pstate: ParallelState) -> Callable[..., torch.Tensor]:

@@ -94,7 +94,7 @@ class ChatSession:
         """Yield the growing response text; the exchange joins the conversation when it is complete."""
         prompt, budget = self._fitting_prompt(user_text)
         ids: list[int] = []
-        text = ""
+        text = decoded = ""
         for token in stream_tokens(self.model, prompt, budget, self.temperature, self.top_p,
                                    self.tokenizer.eos_id, self.generator):
             ids.append(token)
@@ -105,6 +105,8 @@ class ChatSession:
             if not decoded.endswith("\ufffd"):  # a character split over byte pieces is printed when complete
                 text = decoded
                 yield self.frame.printable(text)
+        else:  # the whole reply, as decode gives it: a character left incomplete at the end is not dropped
+            text = decoded
         self.turns += [("user", user_text), ("assistant", text.strip())]
         yield text
 

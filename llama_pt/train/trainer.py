@@ -1,15 +1,16 @@
 """The training loop: one optimizer step = gradient accumulation over micro-batches, clipping, AdamW.
 
-Read top to bottom: the Trainer builds its parts, `train_step` is one optimizer step, `fit` runs steps
-until the end and decides when to log, evaluate, checkpoint and stop. The parts own everything else:
-the model (.model_setup: llama_pt.model, sharded by llama_pt.parallel's plan, blocks by activation
-mode), the data (.data_setup: this data-parallel rank's part of every global batch), the gradient
-reduction and optimizer step (a data-parallel engine: all-reduce, or DeepSpeed ZeRO), the schedule
-(.optim), the arithmetic (.precision), checkpoints and RNG (.checkpointing), faults (.fault_policy),
-downstream accuracy (.downstream, lm-eval on a local task every train.downstream_every steps),
-reporting (.run_log, global rank 0 only). Resume restores weights, optimizer moments, the step and the
-loader counter, so the losses after a restart on the same layout are bitwise those of an uninterrupted
-run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
+Read top to bottom: the Trainer builds its parts, `train_step` is one optimizer step, `fit` runs steps until
+the end and decides when to log, evaluate, checkpoint and stop. The parts own everything else: the model
+(.model_setup: llama_pt.model made on the meta device, only this rank's pipeline stage materialized, part by
+part, each sharded by llama_pt.parallel's plan as it gets its values; adapters, blocks by activation mode; the
+initial values those of one process's `Llama` for train.seed whatever the layout), the data (.data_setup: this
+data-parallel rank's part of every global batch), the gradient reduction and optimizer step (a data-parallel
+engine: all-reduce, or DeepSpeed ZeRO), the schedule (.optim), the arithmetic (.precision), checkpoints and
+RNG (.checkpointing), faults (.fault_policy), downstream accuracy (.downstream, lm-eval on a local task every
+train.downstream_every steps), reporting (.run_log, global rank 0 only). Resume restores weights, optimizer
+moments, the step and the loader counter, so the losses after a restart on the same layout are bitwise those
+of an uninterrupted run; checkpoints load at another TP/DP layout too (llama_pt.parallel.checkpoint_layout).
 
 The loss (`train_step`): every target of a pretraining window counts, and each micro-batch's loss is its mean.
 Instruction windows (task=sft) count their response tokens only: the loss is the sum over the scored targets

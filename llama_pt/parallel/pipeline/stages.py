@@ -1,11 +1,13 @@
 """One pipeline stage of a Llama, cut from the full model where `Llama.forward`'s comments say.
 
-Like tensor parallelism, the cut is applied from outside (as in torchtitan): the full model is built (and
-sharded over TP, given adapters and its activation mode) the same way on every rank, then `build_stage`
-keeps the parts of this rank's stage. The stage holds them under the full model's names
-(``tok_embeddings``, ``layers.<global index>``, ``norm``, ``output``), so its state dict, its optimizer's
-parameter groups (weight decay by name) and its checkpoints are keyed as the whole model's are: a checkpoint
-written by any split loads at any other (llama_pt.parallel.checkpoint_layout).
+Like tensor parallelism, the cut is applied from outside (as in torchtitan): the trainer makes the full model
+on the meta device (no storage) the same way on every rank, `build_stage` keeps the parts of this rank's
+stage, and only those are then materialized, sharded over TP, given adapters and their activation mode
+(llama_pt.train.model_setup; the transforms take a stage as they take a Llama). `build_stage` also cuts a
+model already materialized and transformed (the tests do), keeping its parts as they are. The stage holds them
+under the full model's names (``tok_embeddings``, ``layers.<global index>``, ``norm``, ``output``), so its
+state dict, its optimizer's parameter groups (weight decay by name) and its checkpoints are keyed as the whole
+model's are: a checkpoint written by any split loads at any other (llama_pt.parallel.checkpoint_layout).
 
 With virtual stages (interleaved 1F1B) a stage holds V model chunks: chunk v of stage s is model chunk
 k = v * p + s of llama_pt.config.pipeline.stage_layers; the embedding belongs to chunk 0 of stage 0, the
@@ -65,7 +67,8 @@ def stage_split(pstate: ParallelState) -> list[range]:
 
 
 def build_stage(model: Llama, pstate: ParallelState) -> PipelineStage:
-    """This rank's stage of `model` (already sharded over TP, with its blocks): the rest is dropped."""
+    """This rank's stage of `model` (on meta, or materialized, sharded over TP, with its blocks): the rest is
+    dropped."""
     split, p = stage_split(pstate), pstate.pp_size
     chunks = split[pstate.pp_rank::p]
     return PipelineStage(model, chunks, first=pstate.is_first_stage, last=pstate.is_last_stage)
