@@ -57,25 +57,13 @@ def evaluate_perplexity(model: torch.nn.Module, prefixes: Sequence[PathLike], se
         batches.append([windows.num_full])
     if max_batches is not None:
         batches = batches[:max_batches]
-    vocab_size = model.cfg.vocab_size
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    try:
+
+    def scored():
         for idx in batches:
             tokens = torch.stack([torch.from_numpy(windows[k]) for k in idx]).to(device)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            logits = mask_padded_vocab(model(inputs).float(), vocab_size)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            keep = torch.ones_like(nll, dtype=torch.bool) if eos_id is None else targets.reshape(-1) != eos_id
-            total_nll += nll[keep].double().sum().item()
-            total_tokens += int(keep.sum().item())
-    finally:
-        model.train(was_training)
-    if total_tokens == 0:
-        raise ValueError("no target tokens were scored (all targets are EOS?)")
-    mean = total_nll / total_tokens
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "batches": len(batches)}
+            yield inputs, targets, None if eos_id is None else targets != eos_id
+    return _mean_nll(model, scored(), len(batches), "no target tokens were scored (all targets are EOS?)")
 
 
 @torch.no_grad()
@@ -89,23 +77,35 @@ def evaluate_response_loss(model: torch.nn.Module, windows: Sequence[np.ndarray]
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     starts = list(range(0, len(windows), batch_size))[:max_batches]
+
+    def scored():
+        for start in starts:
+            micro = read_micro_batch(torch.from_numpy(np.stack(windows[start:start + batch_size])).to(device))
+            yield micro.inputs, micro.targets, micro.scored
+    return _mean_nll(model, scored(), len(starts), "no response tokens were scored")
+
+
+def _mean_nll(model: torch.nn.Module, batches, n_batches: int, empty: str) -> dict[str, float]:
+    """The mean NLL over the kept targets of (inputs [b, s], targets [b, s], keep: bool [b, s] or None for all)
+    batches, log-probabilities in float32 summed in float64; the model in eval mode, its mode restored after."""
     vocab_size = model.cfg.vocab_size
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in starts:
-            micro = read_micro_batch(torch.from_numpy(np.stack(windows[start:start + batch_size])).to(device))
-            logits = mask_padded_vocab(model(micro.inputs).float(), vocab_size)
-            nll = F.cross_entropy(logits[micro.scored], micro.targets[micro.scored], reduction="sum")
-            total_nll += nll.double().item()
-            total_tokens += int(micro.scored.sum())
+        for inputs, targets, keep in batches:
+            logits = mask_padded_vocab(model(inputs).float(), vocab_size)
+            if keep is None:
+                keep = torch.ones_like(targets, dtype=torch.bool)
+            nll = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+            total_nll += nll.double().sum().item()
+            total_tokens += int(keep.sum().item())
     finally:
         model.train(was_training)
     if total_tokens == 0:
-        raise ValueError("no response tokens were scored")
+        raise ValueError(empty)
     mean = total_nll / total_tokens
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "batches": len(starts)}
+    return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens, "batches": n_batches}
 
 
 def stream_of(prefixes: Sequence[PathLike]) -> np.ndarray:
